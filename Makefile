@@ -1,0 +1,37 @@
+# The README's quick start: `make bench` runs the main job, `make test` runs the tests.
+# Each target builds the virtual environment first (once), so both work on a fresh clone.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: venv bench test lint typecheck check clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (mars-ray needs Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Quick comparison of MARS against the baselines on the embedded defaults (simulated H100).
+bench: $(STAMP)
+	$(BIN)/mars-ray bench --out results/quick
+
+## The full CPU test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q || { rc=$$?; [ $$rc -ne 5 ] || echo 'error: pytest collected no tests'; exit $$rc; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) results .mypy_cache .ruff_cache .pytest_cache

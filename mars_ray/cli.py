@@ -1,0 +1,52 @@
+"""The ``mars-ray`` command.
+
+Each feature module registers its own subcommands (``register(app)``), so this file
+stays a table of contents. User errors (:class:`MarsError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mars_ray.errors import MarsError
+
+app = typer.Typer(
+    name="mars-ray",
+    help="Agent-aware LLM serving on Ray and vLLM (MARS).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_all() -> None:
+    from mars_ray import bench
+    from mars_ray.engine import cli as engine_cli
+    from mars_ray.workloads import cli as workloads_cli
+
+    engine_cli.register(app)
+    workloads_cli.register(app)
+    bench.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _register_all()
+    try:
+        app(args=argv, standalone_mode=False)
+    except MarsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise

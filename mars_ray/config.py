@@ -1,0 +1,142 @@
+"""Frozen, validated configuration: one model per concern.
+
+Every model rejects unknown keys and out-of-range values at construction (pydantic
+raises; :func:`validated` turns that into a one-line :class:`ConfigError`), and is
+never mutated afterwards. Defaults are the MARS paper's released-code values
+(DESIGN section 4) and vLLM's engine defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mars_ray.errors import ConfigError
+
+
+class FrozenConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+C = TypeVar("C", bound=FrozenConfig)
+
+
+def validated(cls: type[C], **values: Any) -> C:
+    """Build ``cls(**values)``, turning validation errors into one-line ConfigErrors."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or cls.__name__
+        raise ConfigError(f"{cls.__name__}.{where}: {first['msg']}") from None
+
+
+class MlfqConfig(FrozenConfig):
+    """Multi-level feedback queue (DESIGN section 4)."""
+
+    quanta_tokens: tuple[int, ...] = Field(
+        (2048, 1024, 512, 256), description="per-step prefill token quantum of each level"
+    )
+    prefill_bucket_tokens: tuple[int, ...] = Field(
+        (2048, 8192, 32768),
+        description="remaining-prefill upper bounds of levels 0..n-2; larger goes to the last level",
+    )
+    aging_s: float = Field(30.0, gt=0, description="promote one level per this long unserved")
+
+    @model_validator(mode="after")
+    def _check(self) -> MlfqConfig:
+        if len(self.quanta_tokens) < 1 or any(q <= 0 for q in self.quanta_tokens):
+            raise ValueError("quanta_tokens must be positive")
+        if len(self.prefill_bucket_tokens) != len(self.quanta_tokens) - 1:
+            raise ValueError("prefill_bucket_tokens needs one bound fewer than quanta_tokens")
+        if list(self.prefill_bucket_tokens) != sorted(self.prefill_bucket_tokens):
+            raise ValueError("prefill_bucket_tokens must increase")
+        return self
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.quanta_tokens)
+
+
+class AdmissionConfig(FrozenConfig):
+    """AIMD admission window over KV and CPU signals (DESIGN section 4).
+
+    Window bounds are per GPU; the cluster window scales them by the GPU count.
+    """
+
+    tick_s: float = Field(0.2, gt=0, description="control period")
+    window_init_per_gpu: int = Field(30, ge=1)
+    window_min_per_gpu: int = Field(4, ge=1)
+    window_max_per_gpu: int = Field(30, ge=1)
+    additive_increase: float = Field(1.0, gt=0)
+    multiplicative_decrease: float = Field(0.7, gt=0, lt=1)
+    kv_increase_below: float = Field(0.85, gt=0, le=1, description="grow only at or below")
+    kv_decrease_above: float = Field(0.90, gt=0, le=1, description="shrink at or above")
+    cpu_healthy_ratio: float = Field(1.0, gt=0, description="tools in flight / workers")
+    cpu_overload_ratio: float = Field(2.0, gt=0)
+    tool_wait_healthy_s: float = Field(2.0, ge=0)
+    tool_wait_overload_s: float = Field(5.0, ge=0)
+    tool_wait_ema_alpha: float = Field(0.2, gt=0, le=1)
+    tool_worker_cap_factor: float = Field(1.5, gt=0, description="W <= ceil(f * tool workers)")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdmissionConfig:
+        if not self.window_min_per_gpu <= self.window_init_per_gpu <= self.window_max_per_gpu:
+            raise ValueError("need window_min_per_gpu <= window_init_per_gpu <= window_max_per_gpu")
+        if self.kv_increase_below > self.kv_decrease_above:
+            raise ValueError("kv_increase_below must not exceed kv_decrease_above")
+        if self.cpu_healthy_ratio > self.cpu_overload_ratio:
+            raise ValueError("cpu_healthy_ratio must not exceed cpu_overload_ratio")
+        if self.tool_wait_healthy_s > self.tool_wait_overload_s:
+            raise ValueError("tool_wait_healthy_s must not exceed tool_wait_overload_s")
+        return self
+
+
+class RetentionConfig(FrozenConfig):
+    """KV retention across tool calls (MARS, Continuum, InferCept)."""
+
+    tool_time_prior_s: float = Field(1.0, ge=0, description="predicted tool time with no history")
+    tool_time_ema_alpha: float = Field(0.5, gt=0, le=1)
+    continuum_pin_below_s: float = Field(2.0, ge=0, description="pin KV when predicted tool < this")
+    continuum_ttl_factor: float = Field(1.5, gt=0, description="TTL = factor * predicted tool time")
+
+
+class EngineConfig(FrozenConfig):
+    """One simulated (or vLLM) engine: vLLM V1's defaults for an online server."""
+
+    block_size: int = Field(16, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=16, description="token budget per step")
+    max_num_seqs: int = Field(256, ge=1)
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    cpu_offload_gb: float = Field(
+        0.0, ge=0, description="CPU KV tier size; 0 disables offload (policies then discard)"
+    )
+    num_gpu_blocks_override: int | None = Field(None, ge=1, description="for tests")
+
+
+class ClusterConfig(FrozenConfig):
+    """GPUs, nodes and the CPU tool pool."""
+
+    num_gpus: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    gpu: str = "h100-80gb"
+    model: str = "llama-3.1-8b"
+    cpu_cores_per_gpu: int = Field(16, ge=1, description="tool-pool cores per GPU on a node")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.num_gpus % self.num_nodes:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) must be a multiple of num_nodes ({self.num_nodes})"
+            )
+        return self
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.num_gpus // self.num_nodes
+
+    @property
+    def cpu_cores_per_node(self) -> int:
+        return self.cpu_cores_per_gpu * self.gpus_per_node
