@@ -1,0 +1,268 @@
+"""Interfaces of the policy core.
+
+The policy core is pure and synchronous (no Ray, asyncio, torch or vLLM): engines,
+the simulator, the Ray actors and vLLM's scheduler are adapters that feed it events
+and act on the data it returns. Four narrow families:
+
+* :class:`SchedulerPolicy` - inside one engine: the waiting-queue order, prefill
+  chunk quanta, feedback after each step, and the preemption victim.
+* :class:`RetentionPolicy` - when a turn ends: what happens to the session's KV
+  while its tool runs (the unified eviction order).
+* :class:`AdmissionPolicy` - which waiting sessions may start (the AIMD window).
+* :class:`PlacementPolicy` - which engine serves a turn.
+
+Times are seconds on an injected clock (``now_s`` arguments); randomness comes
+from a seeded ``random.Random`` handed to constructors.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class SchedulableRequest(Protocol):
+    """What a scheduler policy may read of an engine's request (one turn of a session).
+
+    Engines own the object; policies read these attributes and keep their own
+    per-request state in ``policy_state`` (set by :meth:`SchedulerPolicy.on_added`).
+    """
+
+    request_id: str
+    session_id: str
+    turn_index: int
+    arrival_s: float  # when this turn reached the engine
+    session_arrival_s: float  # when the session arrived in the system
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    num_output_tokens: int  # generated so far in this turn
+    session_service_tokens: int  # attained service (tokens) of the session before this turn
+    session_service_s: float  # GPU time the session has been scheduled in so far
+    policy_state: Any
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def is_prefilling(self) -> bool: ...
+
+
+class WaitingQueue(ABC):
+    """The engine's waiting queue, in the policy's priority order (head first).
+
+    Mirrors vLLM's ``RequestQueue`` so the same object can back vLLM's scheduler.
+    """
+
+    @abstractmethod
+    def add(self, request: SchedulableRequest, now_s: float) -> None:
+        """Enqueue a new or resumed request."""
+
+    @abstractmethod
+    def prepend(self, request: SchedulableRequest, now_s: float) -> None:
+        """Put a request back at the head of its class (preempted, or not scheduled)."""
+
+    @abstractmethod
+    def peek(self) -> SchedulableRequest | None:
+        """The highest-priority request, or None when empty."""
+
+    @abstractmethod
+    def pop(self) -> SchedulableRequest:
+        """Remove and return the highest-priority request (the queue must not be empty)."""
+
+    @abstractmethod
+    def remove(self, request: SchedulableRequest) -> None:
+        """Remove a request wherever it is (aborted)."""
+
+    def refresh(self, now_s: float) -> None:  # noqa: B027 - optional hook
+        """Apply time-driven changes (aging) before a scheduling pass."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[SchedulableRequest]:
+        """Requests in priority order (for inspection; may be O(n log n))."""
+
+
+class SchedulerPolicy(ABC):
+    """Scheduling inside one engine (vLLM-style continuous batching).
+
+    Contract with the engine, per step:
+    1. ``waiting.refresh(now)``; running decodes are scheduled first, then running
+       prefills in :meth:`order_running_prefills` order, then waiting requests in
+       queue order, each prefill chunk capped by :meth:`chunk_quantum_tokens`.
+       Budget left over afterwards is handed out again in the same order without
+       the cap (work conservation: a request alone is never slowed by quanta).
+    2. When KV allocation fails for a prefill chunk and :attr:`shrink_chunks` is
+       set, the engine halves the chunk down to one block before preempting.
+    3. Otherwise it preempts :meth:`choose_victim` among the running requests,
+       calls :meth:`on_preempted` and re-queues the victim with ``prepend``.
+    4. After the step is planned, :meth:`on_scheduled` gets each request's tokens.
+    """
+
+    #: halve prefill chunks on allocation failure before preempting anyone
+    shrink_chunks: bool = False
+
+    @abstractmethod
+    def make_waiting_queue(self) -> WaitingQueue:
+        """A fresh, empty waiting queue ordered by this policy."""
+
+    def on_added(self, request: SchedulableRequest, now_s: float) -> None:  # noqa: B027
+        """A turn reached the engine; initialise ``request.policy_state``."""
+
+    def chunk_quantum_tokens(self, request: SchedulableRequest) -> int | None:
+        """Cap on this step's prefill chunk in the first pass; None means no cap."""
+        return None
+
+    def order_running_prefills(
+        self, requests: list[SchedulableRequest]
+    ) -> list[SchedulableRequest]:
+        """Running requests still prefilling, in the order they get budget."""
+        return requests
+
+    def on_scheduled(  # noqa: B027 - optional hook
+        self, request: SchedulableRequest, num_tokens: int, now_s: float
+    ) -> None:
+        """``num_tokens`` of ``request`` were scheduled in this step."""
+
+    @abstractmethod
+    def choose_victim(
+        self, running: Sequence[SchedulableRequest], now_s: float
+    ) -> SchedulableRequest:
+        """The running request to preempt when KV runs out (``running`` is non-empty)."""
+
+    def on_preempted(self, request: SchedulableRequest, now_s: float) -> None:  # noqa: B027
+        """``request`` lost its KV and goes back to the waiting queue."""
+
+
+class RetentionAction(enum.Enum):
+    """What happens to a session's KV blocks when its turn ends and a tool starts."""
+
+    #: free to the tail of the free queue (vLLM's LRU prefix cache: evicted last)
+    KEEP_LRU = "keep_lru"
+    #: free to the head of the free queue: reused (evicted) first
+    EVICT_FIRST = "evict_first"
+    #: keep the blocks allocated (not evictable) until ``ttl_s`` passes or the session returns
+    PIN = "pin"
+    #: copy to the CPU tier over PCIe, then free on the GPU to the evict-first end
+    OFFLOAD = "offload"
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionDecision:
+    action: RetentionAction
+    ttl_s: float = 0.0  # only for PIN
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEndContext:
+    """Everything a retention policy may weigh when a turn ends."""
+
+    session_id: str
+    num_blocks: int  # blocks the session's context occupies on this GPU
+    context_tokens: int
+    predicted_tool_s: float  # from the session's tool history
+    recompute_s: float  # time to re-prefill the context if evicted
+    reload_s: float  # time to bring it back from the CPU tier (swap in)
+    num_total_blocks: int
+    num_used_blocks: int  # blocks held by running or pinned requests
+    can_offload: bool  # a CPU tier exists and has room
+
+
+class RetentionPolicy(ABC):
+    """Decides the fate of a session's KV across a tool call."""
+
+    @abstractmethod
+    def on_turn_end(self, ctx: TurnEndContext) -> RetentionDecision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSignals:
+    """Cluster-wide observations fed to admission control each tick."""
+
+    kv_usage: float  # used / total KV blocks, mean over the engines in scope
+    num_tools_in_flight: int  # running + queued tool calls
+    num_tool_workers: int  # CPU cores of the tool pool
+    tool_wait_ema_s: float  # EMA of tool delay beyond its uncontended time
+    cpu_utilization: float = 0.0
+
+    @property
+    def tool_load_ratio(self) -> float:
+        return self.num_tools_in_flight / max(1, self.num_tool_workers)
+
+
+class Pressure(enum.Enum):
+    NONE = "none"
+    KV = "kv"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionDecision:
+    """The window after a control tick and why it moved."""
+
+    window: int | None  # None: unlimited
+    pressure: Pressure
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTicket:
+    """A session waiting for admission, as admission control sees it."""
+
+    session_id: str
+    arrival_s: float
+    expected_work_tokens: int  # what the system knows up front: the first prompt
+
+
+class AdmissionPolicy(ABC):
+    """Admission control: how many sessions may be in flight, and which start next."""
+
+    @abstractmethod
+    def window(self) -> int | None:
+        """Current window (sessions admitted at once); None means unlimited."""
+
+    @abstractmethod
+    def on_tick(self, signals: ClusterSignals, now_s: float) -> AdmissionDecision:
+        """Control tick: update the window from the signals."""
+
+    @abstractmethod
+    def order(self, waiting: Sequence[SessionTicket]) -> list[SessionTicket]:
+        """Waiting sessions in the order they should be admitted."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One engine as placement sees it."""
+
+    engine_id: int
+    node_id: int
+    kv_usage: float
+    num_running: int
+    num_waiting: int
+    capacity_weight: float = 1.0  # relative speed (an H200 beside an H100 > 1)
+
+    @property
+    def load_score(self) -> float:
+        """Lower is better: queue depth and KV fill, scaled by capacity."""
+        return (self.num_running + 2.0 * self.num_waiting + 64.0 * self.kv_usage) / (
+            self.capacity_weight
+        )
+
+
+class PlacementPolicy(ABC):
+    """Chooses the engine for each turn."""
+
+    @abstractmethod
+    def place_new(self, session_id: str, engines: Sequence[EngineLoad]) -> int:
+        """Engine id for a session's first turn."""
+
+    @abstractmethod
+    def place_continuation(
+        self, session_id: str, last_engine_id: int | None, engines: Sequence[EngineLoad]
+    ) -> int:
+        """Engine id for a later turn; ``last_engine_id`` holds the session's KV, if any."""

@@ -1,0 +1,193 @@
+"""The global scheduler's logic: session table, admission window(s), placement.
+
+Pure and synchronous: the simulator calls it directly in virtual time, the Ray
+``GlobalScheduler`` actor wraps it. Callers pass the current engine loads with each
+call and act on the returned :class:`Placement` list (start those turns).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mars_ray.policies.base import (
+    AdmissionDecision,
+    AdmissionPolicy,
+    ClusterSignals,
+    EngineLoad,
+    PlacementPolicy,
+    SessionTicket,
+)
+from mars_ray.policies.registry import PolicyConfig, PolicySpec
+from mars_ray.session import ToolHistory
+
+
+class SessionPhase(enum.Enum):
+    QUEUED = "queued"  # waiting for admission
+    ACTIVE = "active"  # admitted: on a GPU or in a tool
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Start turn ``turn_index`` of ``session_id`` on engine ``engine_id``."""
+
+    session_id: str
+    turn_index: int
+    engine_id: int
+
+
+@dataclass(slots=True)
+class SessionState:
+    """The global scheduler's record of one session (the single source of truth)."""
+
+    ticket: SessionTicket
+    scope: int  # admission scope: 0 for a global window, else the engine's index
+    phase: SessionPhase = SessionPhase.QUEUED
+    admitted_s: float | None = None
+    next_turn: int = 0
+    last_engine_id: int | None = None
+    service_tokens: int = 0  # attained service across turns and GPUs
+    service_s: float = 0.0
+    tools: ToolHistory = field(default_factory=ToolHistory)
+
+
+class ClusterScheduler:
+    """Admission and placement for every session in the cluster."""
+
+    def __init__(
+        self,
+        spec: PolicySpec,
+        config: PolicyConfig,
+        num_engines: int,
+        rng: random.Random,
+    ) -> None:
+        self._spec = spec
+        self._placement: PlacementPolicy = spec.make_placement(rng)
+        per_engine = spec.admission_scope == "engine"
+        self._num_scopes = num_engines if per_engine else 1
+        gpus_per_scope = 1 if per_engine else num_engines
+        self.admissions: list[AdmissionPolicy] = [
+            spec.make_admission(config, gpus_per_scope) for _ in range(self._num_scopes)
+        ]
+        self._queued: list[dict[str, SessionTicket]] = [{} for _ in range(self._num_scopes)]
+        self._num_active = [0] * self._num_scopes
+        self._tool_prior_s = config.retention.tool_time_prior_s
+        self._tool_alpha = config.retention.tool_time_ema_alpha
+        self.sessions: dict[str, SessionState] = {}
+
+    @property
+    def per_engine_admission(self) -> bool:
+        return self._num_scopes > 1
+
+    # -- sessions -------------------------------------------------------------
+    def on_session_arrival(
+        self, ticket: SessionTicket, now_s: float, engines: Sequence[EngineLoad]
+    ) -> list[Placement]:
+        """A session arrived; returns the sessions (this or others) that start now."""
+        if ticket.session_id in self.sessions:
+            raise ValueError(f"session {ticket.session_id!r} arrived twice")
+        scope = 0
+        if self.per_engine_admission:  # the local router picks the engine up front
+            scope = self._placement.place_new(ticket.session_id, engines)
+        state = SessionState(ticket, scope, tools=ToolHistory(self._tool_alpha, self._tool_prior_s))
+        if self.per_engine_admission:
+            state.last_engine_id = scope
+        self.sessions[ticket.session_id] = state
+        self._queued[scope][ticket.session_id] = ticket
+        return self._admit(scope, now_s, engines)
+
+    def on_turn_finished(self, session_id: str, service_tokens: int, service_s: float) -> None:
+        """A turn ended; record its GPU service (tokens computed, step time scheduled)."""
+        state = self.sessions[session_id]
+        state.service_tokens += service_tokens
+        state.service_s += service_s
+        state.next_turn += 1
+
+    def on_tool_finished(
+        self, session_id: str, tool_s: float, engines: Sequence[EngineLoad]
+    ) -> Placement:
+        """The tool after a turn ended: place the session's next turn."""
+        state = self.sessions[session_id]
+        state.tools.observe(tool_s)
+        engine_id = self._placement.place_continuation(session_id, state.last_engine_id, engines)
+        state.last_engine_id = engine_id
+        return Placement(session_id, state.next_turn, engine_id)
+
+    def on_session_finished(
+        self, session_id: str, now_s: float, engines: Sequence[EngineLoad]
+    ) -> list[Placement]:
+        """The last turn ended: free the admission slot, admit whoever is next."""
+        state = self.sessions[session_id]
+        if state.phase is not SessionPhase.ACTIVE:
+            raise ValueError(f"session {session_id!r} finished while {state.phase.value}")
+        state.phase = SessionPhase.DONE
+        self._num_active[state.scope] -= 1
+        return self._admit(state.scope, now_s, engines)
+
+    def predicted_tool_s(self, session_id: str) -> float:
+        return self.sessions[session_id].tools.predict_s()
+
+    # -- admission ------------------------------------------------------------
+    def on_tick(
+        self,
+        signals: Sequence[ClusterSignals],
+        now_s: float,
+        engines: Sequence[EngineLoad],
+    ) -> tuple[list[AdmissionDecision], list[Placement]]:
+        """Control tick: one signal set per admission scope; returns decisions and starts."""
+        decisions = [a.on_tick(s, now_s) for a, s in zip(self.admissions, signals, strict=True)]
+        started: list[Placement] = []
+        for scope in range(self._num_scopes):
+            started += self._admit(scope, now_s, engines)
+        return decisions, started
+
+    def _admit(self, scope: int, now_s: float, engines: Sequence[EngineLoad]) -> list[Placement]:
+        queued = self._queued[scope]
+        if not queued:
+            return []
+        window = self.admissions[scope].window()
+        free = len(queued) if window is None else window - self._num_active[scope]
+        if free <= 0:
+            return []
+        started = []
+        for ticket in self.admissions[scope].order(list(queued.values()))[:free]:
+            del queued[ticket.session_id]
+            started.append(self._start(ticket.session_id, now_s, engines))
+        return started
+
+    def _start(self, session_id: str, now_s: float, engines: Sequence[EngineLoad]) -> Placement:
+        state = self.sessions[session_id]
+        state.phase = SessionPhase.ACTIVE
+        state.admitted_s = now_s
+        self._num_active[state.scope] += 1
+        if state.last_engine_id is None:
+            state.last_engine_id = self._placement.place_new(session_id, engines)
+        return Placement(session_id, 0, state.last_engine_id)
+
+    def num_queued(self) -> int:
+        return sum(len(q) for q in self._queued)
+
+    def num_active(self) -> int:
+        return sum(self._num_active)
+
+    def windows(self) -> list[int | None]:
+        return [a.window() for a in self.admissions]
+
+    def check_invariants(self) -> None:
+        """Every session is in exactly one phase and slot counts match the table."""
+        for scope in range(self._num_scopes):
+            active = sum(
+                1
+                for s in self.sessions.values()
+                if s.scope == scope and s.phase is SessionPhase.ACTIVE
+            )
+            queued = sum(
+                1
+                for s in self.sessions.values()
+                if s.scope == scope and s.phase is SessionPhase.QUEUED
+            )
+            assert active == self._num_active[scope], (scope, active, self._num_active[scope])
+            assert queued == len(self._queued[scope]), (scope, queued)

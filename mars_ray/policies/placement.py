@@ -1,0 +1,60 @@
+"""Which engine serves a turn: KV-affine global placement, or Ray Serve's power of two."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from mars_ray.policies.base import EngineLoad, PlacementPolicy
+
+
+def _least_loaded(engines: Sequence[EngineLoad]) -> EngineLoad:
+    return min(engines, key=lambda e: (e.load_score, e.engine_id))
+
+
+class KvAffinePlacement(PlacementPolicy):
+    """New sessions go to the least-loaded engine; continuations return to the engine
+    holding their KV unless it is overloaded relative to the best one (then the KV is
+    re-prefilled elsewhere: a cold cache is cheaper than a long queue)."""
+
+    def __init__(self, overload_factor: float = 2.0, overload_margin: float = 32.0) -> None:
+        self._factor = overload_factor
+        self._margin = overload_margin
+
+    def place_new(self, session_id: str, engines: Sequence[EngineLoad]) -> int:
+        return _least_loaded(engines).engine_id
+
+    def place_continuation(
+        self, session_id: str, last_engine_id: int | None, engines: Sequence[EngineLoad]
+    ) -> int:
+        best = _least_loaded(engines)
+        if last_engine_id is None:
+            return best.engine_id
+        last = engines[last_engine_id]
+        if last.load_score > self._factor * best.load_score + self._margin:
+            return best.engine_id
+        return last_engine_id
+
+
+class PowerOfTwoPlacement(PlacementPolicy):
+    """Ray Serve's default router: sample two engines, take the shorter queue.
+    No session affinity: continuations land wherever the two samples say."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def _choose(self, engines: Sequence[EngineLoad]) -> int:
+        if len(engines) == 1:
+            return engines[0].engine_id
+        a, b = self._rng.sample(range(len(engines)), 2)
+        ea, eb = engines[a], engines[b]
+        qa, qb = ea.num_running + ea.num_waiting, eb.num_running + eb.num_waiting
+        return ea.engine_id if qa <= qb else eb.engine_id
+
+    def place_new(self, session_id: str, engines: Sequence[EngineLoad]) -> int:
+        return self._choose(engines)
+
+    def place_continuation(
+        self, session_id: str, last_engine_id: int | None, engines: Sequence[EngineLoad]
+    ) -> int:
+        return self._choose(engines)
