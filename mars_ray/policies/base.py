@@ -37,7 +37,8 @@ class SchedulableRequest(Protocol):
     arrival_s: float  # when this turn reached the engine
     session_arrival_s: float  # when the session arrived in the system
     num_prompt_tokens: int
-    num_computed_tokens: int
+    num_tokens: int  # prompt + generated so far: what the KV must eventually cover
+    num_computed_tokens: int  # tokens whose KV is computed
     num_output_tokens: int  # generated so far in this turn
     session_service_tokens: int  # attained service (tokens) of the session before this turn
     session_service_s: float  # GPU time the session has been scheduled in so far
@@ -47,7 +48,9 @@ class SchedulableRequest(Protocol):
     def num_blocks(self) -> int: ...
 
     @property
-    def is_prefilling(self) -> bool: ...
+    def is_prefilling(self) -> bool:
+        """More than one token left to compute (a decode step computes exactly one)."""
+        ...
 
 
 class WaitingQueue(ABC):
@@ -171,6 +174,7 @@ class TurnEndContext:
     num_total_blocks: int
     num_used_blocks: int  # blocks held by running or pinned requests
     can_offload: bool  # a CPU tier exists and has room
+    is_last_turn: bool = False  # known from session hints: nothing will come back
 
 
 class RetentionPolicy(ABC):

@@ -53,8 +53,8 @@ class MlfqScheduler(SchedulerPolicy):
         return bisect.bisect_left(self._buckets, remaining_prefill_tokens)
 
     def _effective_level(self, request: SchedulableRequest, state: MlfqState) -> int:
-        remaining = request.num_prompt_tokens - request.num_computed_tokens
-        if remaining <= 0:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= 1:
             return 0
         return max(state.feedback_level, self.bucket_level(remaining))
 
@@ -94,7 +94,7 @@ class MlfqScheduler(SchedulerPolicy):
 
     def on_scheduled(self, request: SchedulableRequest, num_tokens: int, now_s: float) -> None:
         state: MlfqState = request.policy_state
-        remaining_after = request.num_prompt_tokens - request.num_computed_tokens - num_tokens
+        remaining_after = request.num_tokens - request.num_computed_tokens - num_tokens
         if remaining_after > 0 and num_tokens >= self._config.quanta_tokens[state.level]:
             state.feedback_level = min(self._last_level, state.level + 1)
         if remaining_after > 0:

@@ -88,24 +88,78 @@ def _benefit(_: PolicyConfig) -> RetentionPolicy:
     return BenefitRetention()
 
 
-_add(PolicySpec("mars", "MARS: AIMD admission, MLFQ = eviction order, KV retention by "
-                "benefit, chunk shrinking, global view", _mars(), _benefit, aimd_admission=True))
+_add(
+    PolicySpec(
+        "mars",
+        "MARS: AIMD admission, MLFQ = eviction order, KV retention by "
+        "benefit, chunk shrinking, global view",
+        _mars(),
+        _benefit,
+        aimd_admission=True,
+    )
+)
 _add(PolicySpec("mars-no-admission", "MARS without the admission window", _mars(), _benefit))
-_add(PolicySpec("mars-no-shrink", "MARS without chunk shrinking", _mars(shrink=False),
-                _benefit, aimd_admission=True))
-_add(PolicySpec("mars-no-unified-eviction", "MARS with vLLM's victim and LRU retention",
-                _mars(unified=False), _lru, aimd_admission=True))
-_add(PolicySpec("mars-local", "MARS inside each engine behind Ray Serve's power-of-two router, "
-                "no global view", _mars(), _benefit, aimd_admission=True,
-                placement="power-of-two", admission_scope="engine"))
-_add(PolicySpec("fcfs", "vLLM default: FCFS, chunked prefill, preempt newest, LRU prefix cache",
-                lambda c: FcfsScheduler(), _lru))
-_add(PolicySpec("autellix", "Autellix PLAS: priority by session attained service",
-                lambda c: PlasScheduler(), _lru))
-_add(PolicySpec("continuum", "Continuum: TTL-pinned KV across short tools, program-level FCFS",
-                lambda c: ProgramFcfsScheduler(), lambda c: TtlPinRetention(c.retention)))
-_add(PolicySpec("infercept", "InferCept: preserve / discard / swap by minimum waste",
-                lambda c: FcfsScheduler(), lambda c: MinWasteRetention()))
+_add(
+    PolicySpec(
+        "mars-no-shrink",
+        "MARS without chunk shrinking",
+        _mars(shrink=False),
+        _benefit,
+        aimd_admission=True,
+    )
+)
+_add(
+    PolicySpec(
+        "mars-no-unified-eviction",
+        "MARS with vLLM's victim and LRU retention",
+        _mars(unified=False),
+        _lru,
+        aimd_admission=True,
+    )
+)
+_add(
+    PolicySpec(
+        "mars-local",
+        "MARS inside each engine behind Ray Serve's power-of-two router, no global view",
+        _mars(),
+        _benefit,
+        aimd_admission=True,
+        placement="power-of-two",
+        admission_scope="engine",
+    )
+)
+_add(
+    PolicySpec(
+        "fcfs",
+        "vLLM default: FCFS, chunked prefill, preempt newest, LRU prefix cache",
+        lambda c: FcfsScheduler(),
+        _lru,
+    )
+)
+_add(
+    PolicySpec(
+        "autellix",
+        "Autellix PLAS: priority by session attained service",
+        lambda c: PlasScheduler(),
+        _lru,
+    )
+)
+_add(
+    PolicySpec(
+        "continuum",
+        "Continuum: TTL-pinned KV across short tools, program-level FCFS",
+        lambda c: ProgramFcfsScheduler(),
+        lambda c: TtlPinRetention(c.retention),
+    )
+)
+_add(
+    PolicySpec(
+        "infercept",
+        "InferCept: preserve / discard / swap by minimum waste",
+        lambda c: FcfsScheduler(),
+        lambda c: MinWasteRetention(),
+    )
+)
 
 
 def get_policy(name: str) -> PolicySpec:

@@ -29,6 +29,8 @@ class BenefitRetention(RetentionPolicy):
     """
 
     def on_turn_end(self, ctx: TurnEndContext) -> RetentionDecision:
+        if ctx.is_last_turn:
+            return RetentionDecision(RetentionAction.EVICT_FIRST, reason="session done")
         hold_cost_s = ctx.predicted_tool_s * ctx.num_blocks / max(1, ctx.num_total_blocks)
         if hold_cost_s <= ctx.recompute_s:
             return RetentionDecision(RetentionAction.KEEP_LRU, reason="back soon")
@@ -45,7 +47,7 @@ class TtlPinRetention(RetentionPolicy):
         self._ttl_factor = config.continuum_ttl_factor
 
     def on_turn_end(self, ctx: TurnEndContext) -> RetentionDecision:
-        if ctx.predicted_tool_s < self._pin_below_s:
+        if not ctx.is_last_turn and ctx.predicted_tool_s < self._pin_below_s:
             ttl_s = self._ttl_factor * ctx.predicted_tool_s
             return RetentionDecision(RetentionAction.PIN, ttl_s=ttl_s, reason="short tool")
         return RetentionDecision(RetentionAction.KEEP_LRU, reason="long tool")
@@ -60,6 +62,8 @@ class MinWasteRetention(RetentionPolicy):
     """
 
     def on_turn_end(self, ctx: TurnEndContext) -> RetentionDecision:
+        if ctx.is_last_turn:  # no tool call to intercept: plain vLLM free
+            return RetentionDecision(RetentionAction.KEEP_LRU, reason="session done")
         preserve = ctx.num_blocks * ctx.predicted_tool_s
         discard = ctx.recompute_s * (ctx.num_blocks + ctx.num_used_blocks)
         options = [(preserve, RetentionAction.PIN), (discard, RetentionAction.EVICT_FIRST)]

@@ -1,0 +1,805 @@
+"""``mars-ray bench``: sweep policies x arrival rates through a runtime, write results.
+
+One bench is a grid: every policy runs the *same* sessions with the *same* arrival
+times at each rate (Poisson, seeded; or a trace's own arrivals). Rates are given in
+sessions/s or as loads, fractions of the cluster's estimated saturation rate
+(:func:`estimate_saturation`). The output directory gets ``summary.json`` (DESIGN
+section 8), per-session, per-request and time-series Parquet, and PNG plots; the
+terminal gets a table per (policy, rate) and MARS's ratios against each baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import numpy as np
+import typer
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mars_ray.config import ClusterConfig, EngineConfig, FrozenConfig, validated
+from mars_ray.errors import ConfigError, MarsError
+from mars_ray.metrics import DEFAULT_ALPHA, alpha_key, json_safe, summarize_run
+from mars_ray.results import RunResult
+from mars_ray.session import SessionSpec
+
+if False:  # typing only; the cost model is imported lazily like the rest of the runtime
+    from mars_ray.engine.costmodel import CostModel
+
+DEFAULT_WORKLOAD = "swe"
+DEFAULT_POLICIES: tuple[str, ...] = ("mars", "fcfs", "autellix", "continuum", "infercept")
+DEFAULT_LOADS: tuple[float, ...] = (0.5, 1.0)
+DEFAULT_NUM_SESSIONS = 60
+DEFAULT_OUT_DIR = Path("results/bench")
+FALLBACK_MAX_CONTEXT_TOKENS = 131_072
+AVAILABLE_RUNTIMES = ("sim",)
+MARS = "mars"
+
+
+def _bad(message: str) -> PydanticCustomError:
+    # A custom error keeps the message as written (no "Value error, " prefix).
+    return PydanticCustomError("bench_config", message)
+
+
+class BenchConfig(FrozenConfig):
+    """One bench: what to run, on what cluster, at which arrival rates.
+
+    Left out, ``workload`` is ``swe`` (unless a ``trace`` is given), ``num_sessions``
+    is 60 for a workload (a trace's sessions all run), and with neither
+    ``rates_per_s`` nor ``loads`` a workload sweeps ``DEFAULT_LOADS`` while a trace
+    keeps its own arrival times. Defaults are filled in at construction, so a dumped
+    config names everything needed to rerun it.
+    """
+
+    workload: str | None = Field(None, description="workload generator name")
+    trace: Path | None = Field(None, description="Parquet trace (DESIGN section 7)")
+    policies: tuple[str, ...] = Field(DEFAULT_POLICIES, description="policy names")
+    rates_per_s: tuple[float, ...] | None = Field(None, description="session arrival rates")
+    loads: tuple[float, ...] | None = Field(
+        None, description="arrival rates as fractions of the estimated saturation rate"
+    )
+    num_gpus: int = 1
+    num_nodes: int = 1
+    gpu: str = "h100-80gb"
+    model: str = "llama-3.1-8b"
+    cpu_cores_per_gpu: int = Field(16, description="tool-pool cores per GPU")
+    num_sessions: int | None = Field(None, description="sessions per run; None: whole trace")
+    seed: int = 0
+    out_dir: Path = DEFAULT_OUT_DIR
+    runtime: Literal["sim", "vllm", "ray"] = "sim"
+    alpha: float = Field(DEFAULT_ALPHA, description="goodput slowdown bound for table and plots")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if values.get("workload") is None and values.get("trace") is None:
+            values["workload"] = DEFAULT_WORKLOAD
+        if values.get("trace") is None and values.get("num_sessions") is None:
+            values["num_sessions"] = DEFAULT_NUM_SESSIONS
+        no_rates = values.get("rates_per_s") is None and values.get("loads") is None
+        if no_rates and values.get("trace") is None:
+            values["loads"] = DEFAULT_LOADS
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchConfig:
+        if self.workload is not None and self.trace is not None:
+            raise _bad("give either --workload or --trace, not both")
+        if self.rates_per_s is not None and self.loads is not None:
+            raise _bad("give either --rates or --load, not both")
+        _check_positive("--rates", self.rates_per_s)
+        _check_positive("--load", self.loads)
+        if not self.policies:
+            raise _bad("--policies needs at least one policy name")
+        if len(set(self.policies)) != len(self.policies):
+            raise _bad(f"--policies names a policy twice: {','.join(self.policies)}")
+        for flag, value in (
+            ("--gpus", self.num_gpus),
+            ("--nodes", self.num_nodes),
+            ("--cpu-cores-per-gpu", self.cpu_cores_per_gpu),
+        ):
+            if value < 1:
+                raise _bad(f"{flag} must be >= 1, got {value}")
+        if self.num_sessions is not None and self.num_sessions < 1:
+            raise _bad(f"--sessions must be >= 1, got {self.num_sessions}")
+        if self.num_gpus % self.num_nodes:
+            raise _bad(f"--gpus ({self.num_gpus}) must be a multiple of --nodes ({self.num_nodes})")
+        if not (self.alpha >= 1 and math.isfinite(self.alpha)):
+            raise _bad(f"alpha must be a finite slowdown >= 1, got {self.alpha}")
+        return self
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return validated(
+            ClusterConfig,
+            num_gpus=self.num_gpus,
+            num_nodes=self.num_nodes,
+            gpu=self.gpu,
+            model=self.model,
+            cpu_cores_per_gpu=self.cpu_cores_per_gpu,
+        )
+
+
+def _check_positive(flag: str, values: tuple[float, ...] | None) -> None:
+    if values is None:
+        return
+    if not values:
+        raise _bad(f"{flag} needs at least one value")
+    for value in values:
+        if not (value > 0 and math.isfinite(value)):
+            raise _bad(f"{flag} values must be finite and > 0, got {value:g}")
+
+
+def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = None) -> str:
+    """A ``mars-ray bench`` command line that reruns ``config``.
+
+    With ``rates_per_s`` (the resolved rates) it pins the rates, so the rerun does not
+    depend on the saturation estimate staying the same.
+    """
+    args = ["mars-ray", "bench"]
+    args += ["--trace", str(config.trace)] if config.trace else ["--workload", str(config.workload)]
+    args += ["--policies", ",".join(config.policies)]
+    if rates_per_s is not None:
+        args += ["--rates", ",".join(f"{r:.6g}" for r in rates_per_s)]
+    elif config.rates_per_s is not None:
+        args += ["--rates", ",".join(f"{r:g}" for r in config.rates_per_s)]
+    elif config.loads is not None:
+        args += ["--load", ",".join(f"{x:g}" for x in config.loads)]
+    args += ["--gpus", str(config.num_gpus), "--nodes", str(config.num_nodes)]
+    args += ["--gpu", config.gpu, "--model", config.model]
+    args += ["--cpu-cores-per-gpu", str(config.cpu_cores_per_gpu)]
+    if config.num_sessions is not None:
+        args += ["--sessions", str(config.num_sessions)]
+    args += ["--seed", str(config.seed), "--out", str(config.out_dir), "--runtime", config.runtime]
+    return shlex.join(args)
+
+
+# --------------------------------------------------------------------------- saturation
+
+
+class SaturationEstimate(NamedTuple):
+    """How many sessions/s a cluster can sustain, from GPU and CPU work per session.
+
+    Approximate by construction: it assumes warm continuations (no re-prefill after
+    eviction), steady full batches and perfect packing of work onto GPUs and cores.
+    Contention makes the real knee lower; the estimate only puts loads on a scale.
+    """
+
+    prefill_s_per_session: float  # GPU-seconds
+    decode_s_per_session: float  # GPU-seconds
+    decode_batch: int  # sequences per decode step the estimate assumes
+    tool_cpu_s_per_session: float  # core-seconds
+    gpu_rate_per_s: float  # sessions/s the GPUs sustain
+    cpu_rate_per_s: float  # sessions/s the tool cores sustain (inf without CPU work)
+
+    @property
+    def rate_per_s(self) -> float:
+        """The binding limit: the smaller of the GPU and CPU rates."""
+        return min(self.gpu_rate_per_s, self.cpu_rate_per_s)
+
+    @property
+    def bottleneck(self) -> str:
+        return "GPU" if self.gpu_rate_per_s <= self.cpu_rate_per_s else "CPU"
+
+
+def kv_capacity_tokens(cost_model: CostModel, engine: EngineConfig) -> int:
+    """Tokens of KV one engine holds (its block count x block size)."""
+    blocks = engine.num_gpu_blocks_override or cost_model.num_gpu_blocks(
+        engine.block_size, engine.gpu_memory_utilization
+    )
+    return blocks * engine.block_size
+
+
+def _decode_batch(sessions: Sequence[SessionSpec], kv_tokens: int, max_num_seqs: int) -> int:
+    """Sequences that fit in KV at the sessions' mean decode context, capped by max_num_seqs."""
+    context_sum = 0.0
+    num_tokens = 0
+    for session in sessions:
+        for index, turn in enumerate(session.turns):
+            prompt = session.prompt_tokens(index)
+            out = turn.output_tokens
+            context_sum += out * prompt + out * (out - 1) / 2
+            num_tokens += out
+    mean_context = context_sum / max(num_tokens, 1)
+    return int(min(max_num_seqs, max(1, kv_tokens // max(mean_context, 1.0))))
+
+
+def _turn_gpu_s(
+    cm: CostModel, prompt: int, new: int, out: int, chunk: int, batch: int
+) -> tuple[float, float]:
+    """(prefill, decode) GPU-seconds of one warm turn, as its share of full steps.
+
+    Prefill: dense work at the efficiency of a full ``chunk``-token step, plus the
+    attention and KV reads of its own chunks. Decode: one ``batch``-th of a
+    ``batch``-sequence step per token, plus the KV reads of its own context.
+    """
+    base_s = cm.step_time_s(1, 1, 0, 0.0)
+    prefill_s = cm.step_time_s(1, chunk, 0, 0.0) * new / chunk
+    done = 0
+    while done < new:
+        q = min(chunk, new - done)
+        prior = prompt - new + done
+        units = cm.prefill_attn_units(q, prior)
+        prefill_s += cm.step_time_s(1, 1, prior, units) - base_s
+        done += q
+    decode_context_sum = out * prompt + out * (out - 1) / 2
+    decode_s = out * cm.step_time_s(batch, batch, 0, 0.0) / batch
+    decode_s += cm.step_time_s(1, 1, decode_context_sum, 0.0) - base_s
+    return prefill_s, decode_s
+
+
+def estimate_saturation(
+    sessions: Sequence[SessionSpec],
+    cost_model: CostModel,
+    cluster: ClusterConfig,
+    engine_config: EngineConfig,
+) -> SaturationEstimate:
+    """Sessions/s the cluster sustains with GPUs (or tool cores) always busy.
+
+    Each session's GPU work is costed from the cost model, turn by turn: prefill of
+    its new tokens on warm context in full ``max_num_batched_tokens`` chunks, decode
+    at the batch where the KV cache is full at the mean decode context (capped at
+    ``max_num_seqs``). ``num_gpus / mean GPU-seconds`` is the GPU rate;
+    ``cores / mean tool CPU-seconds`` the CPU rate; the estimate is the smaller.
+    See :class:`SaturationEstimate` for what it leaves out.
+    """
+    if not sessions:
+        raise ConfigError("cannot estimate a saturation rate without sessions")
+    chunk = engine_config.max_num_batched_tokens
+    kv_tokens = kv_capacity_tokens(cost_model, engine_config)
+    batch = _decode_batch(sessions, kv_tokens, engine_config.max_num_seqs)
+    prefill_s = decode_s = 0.0
+    for session in sessions:
+        for index, turn in enumerate(session.turns):
+            prompt = session.prompt_tokens(index)
+            p, d = _turn_gpu_s(
+                cost_model, prompt, turn.new_tokens, turn.output_tokens, chunk, batch
+            )
+            prefill_s += p
+            decode_s += d
+    n = len(sessions)
+    gpu_s = (prefill_s + decode_s) / n
+    cpu_s = sum(t.tool_cpu_s for s in sessions for t in s.turns) / n
+    cores = cluster.cpu_cores_per_gpu * cluster.num_gpus
+    return SaturationEstimate(
+        prefill_s_per_session=prefill_s / n,
+        decode_s_per_session=decode_s / n,
+        decode_batch=batch,
+        tool_cpu_s_per_session=cpu_s,
+        gpu_rate_per_s=cluster.num_gpus / gpu_s,
+        cpu_rate_per_s=cores / cpu_s if cpu_s > 0 else math.inf,
+    )
+
+
+def estimate_saturation_rate_per_s(
+    sessions: Sequence[SessionSpec],
+    cost_model: CostModel,
+    cluster: ClusterConfig,
+    engine_config: EngineConfig,
+) -> float:
+    """Sessions/s the cluster can sustain (approximate; see :func:`estimate_saturation`)."""
+    return estimate_saturation(sessions, cost_model, cluster, engine_config).rate_per_s
+
+
+def describe_saturation(estimate: SaturationEstimate) -> str:
+    """One line for the terminal."""
+    cpu = (
+        "no tool CPU work"
+        if math.isinf(estimate.cpu_rate_per_s)
+        else (f"CPU {estimate.cpu_rate_per_s:.4g}/s ({estimate.tool_cpu_s_per_session:.1f} core-s)")
+    )
+    return (
+        f"estimated saturation: {estimate.rate_per_s:.4g} sessions/s "
+        f"({estimate.rate_per_s * 60:.3g}/min, {estimate.bottleneck}-bound; GPU "
+        f"{estimate.gpu_rate_per_s:.4g}/s from {estimate.prefill_s_per_session:.2f} s prefill + "
+        f"{estimate.decode_s_per_session:.2f} s decode per session at batch "
+        f"{estimate.decode_batch}; {cpu}) - approximate: warm KV, full batches, no contention"
+    )
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class SweepPoint(NamedTuple):
+    """One arrival setting: a Poisson rate (with its load, if given as one) or the trace's."""
+
+    rate_per_s: float | None
+    load: float | None
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """Everything resolved before the first run: sessions, cluster, the sweep."""
+
+    sessions: list[SessionSpec]  # arrivals 0 (workload) or the trace's own
+    cluster: ClusterConfig
+    engine: EngineConfig
+    saturation: SaturationEstimate
+    points: list[SweepPoint]
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.points) * len(self.policies)
+
+    policies: tuple[str, ...] = ()
+
+
+def check_runnable(config: BenchConfig) -> None:
+    """Every name and the runtime, before anything runs (UnknownNameError lists the known)."""
+    from mars_ray.engine.costmodel import load_profile
+    from mars_ray.policies.registry import get_policy
+    from mars_ray.workloads.generators import WORKLOADS
+
+    if config.runtime not in AVAILABLE_RUNTIMES:
+        raise MarsError(
+            f"runtime {config.runtime!r} is not available yet in bench; use --runtime sim"
+        )
+    for name in config.policies:
+        get_policy(name)
+    if config.workload is not None:
+        WORKLOADS.get(config.workload)
+    load_profile(config.gpu, config.model)
+
+
+def _max_context_tokens(cost_model: CostModel, engine: EngineConfig) -> int:
+    window = getattr(cost_model.profile.model, "max_model_len_tokens", FALLBACK_MAX_CONTEXT_TOKENS)
+    # A session whose context outgrows one GPU's KV cache could never finish.
+    return int(min(window, kv_capacity_tokens(cost_model, engine)))
+
+
+def load_sessions(
+    config: BenchConfig, cost_model: CostModel, engine: EngineConfig
+) -> list[SessionSpec]:
+    """The bench's sessions: generated (seeded, arrival 0) or read from the trace."""
+    if config.trace is not None:
+        from mars_ray.workloads.schema import read_trace
+
+        sessions = read_trace(config.trace)
+        return sessions[: config.num_sessions] if config.num_sessions else sessions
+    from mars_ray.workloads.generators import WORKLOADS
+
+    generate = WORKLOADS.get(str(config.workload))
+    rng = np.random.default_rng([config.seed, 0])
+    return generate(int(config.num_sessions or 0), rng, _max_context_tokens(cost_model, engine))
+
+
+def _sweep_points(config: BenchConfig, saturation_rate_per_s: float) -> list[SweepPoint]:
+    if config.rates_per_s is not None:
+        return [SweepPoint(rate, None) for rate in config.rates_per_s]
+    if config.loads is not None:
+        return [SweepPoint(load * saturation_rate_per_s, load) for load in config.loads]
+    return [SweepPoint(None, None)]
+
+
+def plan_bench(config: BenchConfig) -> BenchPlan:
+    """Validate names, load the sessions, estimate saturation and resolve the rates."""
+    from mars_ray.engine.costmodel import CostModel, load_profile
+
+    check_runnable(config)
+    cluster = config.cluster
+    engine = EngineConfig()
+    cost_model = CostModel(load_profile(config.gpu, config.model))
+    sessions = load_sessions(config, cost_model, engine)
+    if not sessions:
+        raise ConfigError("the bench has no sessions to run")
+    saturation = estimate_saturation(sessions, cost_model, cluster, engine)
+    points = _sweep_points(config, saturation.rate_per_s)
+    return BenchPlan(sessions, cluster, engine, saturation, points, config.policies)
+
+
+def sessions_at(plan: BenchPlan, point: SweepPoint, seed: int) -> list[SessionSpec]:
+    """The plan's sessions with Poisson arrivals at ``point`` (or their own, for a trace).
+
+    Every rate draws from the same seed, so the arrival patterns are time-scaled
+    copies of one another and every policy at a rate sees identical arrivals.
+    """
+    if point.rate_per_s is None:
+        return list(plan.sessions)
+    from mars_ray.workloads.arrivals import assign_arrivals, poisson_arrivals
+
+    rng = np.random.default_rng([seed, 1])
+    times_s = poisson_arrivals(len(plan.sessions), point.rate_per_s, rng)
+    return assign_arrivals(plan.sessions, times_s)
+
+
+# --------------------------------------------------------------------------- running
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+@contextmanager
+def _progress_bar(
+    console: Console, total: int, enabled: bool
+) -> Iterator[Callable[[str], ProgressFn]]:
+    """Yields ``start(label) -> on_progress``: one bar over sessions of every run."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("sessions"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=True,
+    )
+    task = progress.add_task("bench", total=total)
+    offset = [0]
+
+    def start(label: str) -> ProgressFn:
+        base = offset[0]
+        progress.update(task, description=label)
+
+        def on_progress(num_finished: int, num_sessions: int) -> None:
+            progress.update(task, completed=base + num_finished)
+            offset[0] = base + num_sessions
+
+        return on_progress
+
+    with progress:
+        yield start
+
+
+def _run_one(
+    plan: BenchPlan, config: BenchConfig, policy: str, point: SweepPoint, on_progress: ProgressFn
+) -> RunResult:
+    from mars_ray.policies.registry import PolicyConfig
+    from mars_ray.sim import simulate
+
+    sessions = sessions_at(plan, point, config.seed)
+    result = simulate(
+        sessions,
+        policy,
+        cluster=plan.cluster,
+        engine=plan.engine,
+        policy_config=PolicyConfig(),
+        seed=config.seed,
+        rate_per_s=point.rate_per_s,
+        on_progress=on_progress,
+    )
+    on_progress(len(sessions), len(sessions))
+    return result
+
+
+def _point_label(point: SweepPoint) -> str:
+    if point.rate_per_s is None:
+        return "trace arrivals"
+    rate = f"{point.rate_per_s:.3g}/s"
+    return rate if point.load is None else f"load {point.load:g} ({rate})"
+
+
+def run_sweep(
+    plan: BenchPlan, config: BenchConfig, console: Console, progress: bool
+) -> list[tuple[SweepPoint, RunResult]]:
+    """Every policy at every point, in order (rate-major), each a fresh simulation."""
+    runs: list[tuple[SweepPoint, RunResult]] = []
+    total = plan.num_runs * len(plan.sessions)
+    with _progress_bar(console, total, progress) as start:
+        for point in plan.points:
+            for policy in plan.policies:
+                on_progress = start(f"{policy} @ {_point_label(point)}")
+                runs.append((point, _run_one(plan, config, policy, point, on_progress)))
+    return runs
+
+
+def build_summary(
+    config: BenchConfig, plan: BenchPlan, runs: Sequence[tuple[SweepPoint, RunResult]]
+) -> dict[str, Any]:
+    """``summary.json``: ``{"config": ..., "runs": [...]}`` (DESIGN section 8), JSON-safe."""
+    rates = None if plan.points[0].rate_per_s is None else [p.rate_per_s for p in plan.points]
+    config_entry = config.model_dump(mode="json") | {
+        "command": rerun_command(config),
+        "rerun_command": rerun_command(config, rates),  # type: ignore[arg-type]
+        "argv": list(sys.argv),
+        "resolved_rates_per_s": rates,
+        "saturation": plan.saturation._asdict() | {"rate_per_s": plan.saturation.rate_per_s},
+        "engine": plan.engine.model_dump(mode="json"),
+        "num_sessions_run": len(plan.sessions),
+    }
+    entries = [summarize_run(run, load=point.load) for point, run in runs]
+    summary: dict[str, Any] = json_safe({"config": config_entry, "runs": entries})
+    return summary
+
+
+def run_bench(
+    config: BenchConfig,
+    progress: bool = True,
+    *,
+    console: Console | None = None,
+    show_table: bool = True,
+) -> dict[str, Any]:
+    """Run the whole sweep, write ``config.out_dir``, print the tables; return the summary.
+
+    Everything (names, runtime, trace, rates) is validated before the first run.
+    ``console`` receives the saturation line, progress and tables (default: stdout).
+    """
+    console = console or Console()
+    plan = plan_bench(config)
+    console.print(describe_saturation(plan.saturation), highlight=False)
+    started_s = time.perf_counter()
+    runs = run_sweep(plan, config, console, progress)
+    summary = build_summary(config, plan, runs)
+    summary["config"]["bench_wall_s"] = time.perf_counter() - started_s
+    written = write_outputs(config.out_dir, summary, runs, alpha=config.alpha)
+    if show_table:
+        print_tables(console, summary["runs"], alpha=config.alpha)
+        console.print(f"wrote {len(written)} files to {config.out_dir}", highlight=False)
+    return summary
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _tag(
+    table_columns: dict[str, list[Any]], num_rows: int, point: SweepPoint, policy: str
+) -> None:
+    table_columns["policy"] = [policy] * num_rows
+    table_columns["rate_per_s"] = [point.rate_per_s] * num_rows
+    table_columns["load"] = [point.load] * num_rows
+
+
+def _session_columns(point: SweepPoint, run: RunResult) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {}
+    _tag(columns, len(run.sessions), point, run.policy)
+    rows = [asdict(s) | {"completed": s.completed, "jct_s": s.jct_s} for s in run.sessions]
+    from mars_ray.metrics import session_slowdown
+
+    for name in rows[0] if rows else ():
+        columns[name] = [row[name] for row in rows]
+    columns["slowdown"] = [session_slowdown(s) for s in run.sessions]
+    return columns
+
+
+def _request_columns(point: SweepPoint, run: RunResult) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {}
+    _tag(columns, len(run.requests), point, run.policy)
+    rows = [
+        asdict(r) | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "e2el_s": r.e2el_s}
+        for r in run.requests
+    ]
+    for name in rows[0] if rows else ():
+        columns[name] = [row[name] for row in rows]
+    return columns
+
+
+def _timeseries_columns(point: SweepPoint, run: RunResult) -> dict[str, list[Any]]:
+    ts = run.timeseries
+    columns: dict[str, list[Any]] = {}
+    _tag(columns, len(ts.t_s), point, run.policy)
+    columns["t_s"] = list(ts.t_s)
+    columns.update({name: list(values) for name, values in ts.columns.items()})
+    return columns
+
+
+def _write_parquet(path: Path, parts: list[dict[str, list[Any]]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pa.table(part) for part in parts if part.get("policy")]
+    if tables:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    else:
+        table = pa.table({"policy": pa.array([], pa.string())})
+    pq.write_table(table, path)
+    return path
+
+
+def write_outputs(
+    out_dir: Path,
+    summary: dict[str, Any],
+    runs: Sequence[tuple[SweepPoint, RunResult]],
+    *,
+    alpha: float = DEFAULT_ALPHA,
+) -> list[Path]:
+    """``summary.json``, ``sessions``/``requests``/``timeseries.parquet`` and the plots."""
+    from mars_ray import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    written = [
+        summary_path,
+        _write_parquet(out_dir / "sessions.parquet", [_session_columns(p, r) for p, r in runs]),
+        _write_parquet(out_dir / "requests.parquet", [_request_columns(p, r) for p, r in runs]),
+        _write_parquet(
+            out_dir / "timeseries.parquet", [_timeseries_columns(p, r) for p, r in runs]
+        ),
+    ]
+    results = [run for _, run in runs]
+    loads = [point.load for point, _ in runs]
+    written += plots.write_plots(out_dir, results, loads, alpha=alpha)
+    return written
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _rate_label(entry: dict[str, Any]) -> str:
+    rate = entry.get("rate_per_s")
+    if rate is None:
+        return "trace"
+    load = entry.get("load")
+    return f"{rate:.3g}/s" if load is None else f"{load:g} ({rate:.3g}/s)"
+
+
+def results_table(entries: Sequence[dict[str, Any]], *, alpha: float = DEFAULT_ALPHA) -> Table:
+    """Policy x rate: latency, goodput, TTFT, preemptions, simulation speed."""
+    table = Table(title="bench results (JCT in s, TTFT in ms)")
+    for header in (
+        "load (rate)", "policy", "done", "mean JCT", "p90 JCT", "mean slowdown",
+        f"goodput@{alpha:g}", "mean TTFT", "preempt", "x real time",
+    ):  # fmt: skip
+        table.add_column(header, justify="left" if header == "policy" else "right")
+    for e in entries:
+        table.add_row(
+            _rate_label(e),
+            e["policy"],
+            f"{e['num_completed']}/{e['num_sessions']}",
+            _fmt(e["mean_jct_s"]),
+            _fmt(e["p90_jct_s"]),
+            _fmt(e["mean_slowdown"]),
+            _fmt(_goodput(e, alpha), ".0%"),
+            _fmt(e["mean_ttft_ms"]),
+            str(e["preemptions"]),
+            _fmt(e.get("speedup_vs_real_time"), ".0f"),
+        )
+    return table
+
+
+def _goodput(entry: dict[str, Any], alpha: float) -> float | None:
+    """Goodput at ``alpha`` from the entry (a reported bound), else None."""
+    value: float | None = entry["goodput"].get(alpha_key(alpha))
+    return value
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None:
+        return "-"
+    if denominator == 0:
+        return "inf" if numerator > 0 else "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def mars_ratio_table(
+    entries: Sequence[dict[str, Any]], *, alpha: float = DEFAULT_ALPHA
+) -> Table | None:
+    """MARS against each other policy at each rate; None when MARS did not run."""
+    table = Table(
+        title=f"MARS vs each policy (JCT ratio = other / MARS; goodput@{alpha:g} "
+        "ratio = MARS / other; > 1 favours MARS)"
+    )
+    for header in ("load (rate)", "vs policy", "mean JCT ratio", "p90 JCT ratio", "goodput ratio"):
+        table.add_column(header, justify="left" if header == "vs policy" else "right")
+    num_rows = 0
+    for mars in (e for e in entries if e["policy"] == MARS):
+        for other in entries:
+            same_point = other["rate_per_s"] == mars["rate_per_s"]
+            if other["policy"] == MARS or not same_point:
+                continue
+            table.add_row(
+                _rate_label(mars),
+                other["policy"],
+                _ratio(other["mean_jct_s"], mars["mean_jct_s"]),
+                _ratio(other["p90_jct_s"], mars["p90_jct_s"]),
+                _ratio(_goodput(mars, alpha), _goodput(other, alpha)),
+            )
+            num_rows += 1
+    return table if num_rows else None
+
+
+def print_tables(
+    console: Console, entries: Sequence[dict[str, Any]], *, alpha: float = DEFAULT_ALPHA
+) -> None:
+    """The results table and, when MARS ran beside others, its ratio table."""
+    console.print(results_table(entries, alpha=alpha))
+    ratios = mars_ratio_table(entries, alpha=alpha)
+    if ratios is not None:
+        console.print(ratios)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
+    parts = _split(text)
+    if parts is None:
+        return None
+    try:
+        return tuple(float(part) for part in parts)
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def bench_command(
+    workload: Annotated[
+        str | None,
+        typer.Option("--workload", help=f"workload generator [default: {DEFAULT_WORKLOAD}]"),
+    ] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Parquet trace instead")] = None,
+    policies: Annotated[
+        str, typer.Option("--policies", help="comma-separated policy names")
+    ] = ",".join(DEFAULT_POLICIES),
+    rates: Annotated[
+        str | None, typer.Option("--rates", help="comma-separated arrival rates, sessions/s")
+    ] = None,
+    load: Annotated[
+        str | None,
+        typer.Option(
+            "--load",
+            help="comma-separated fractions of the estimated saturation rate "
+            f"[default: {','.join(f'{x:g}' for x in DEFAULT_LOADS)} for a workload]",
+        ),
+    ] = None,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the cluster")] = 1,
+    nodes: Annotated[int, typer.Option("--nodes", help="nodes (GPUs split evenly)")] = 1,
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU name")] = "h100-80gb",
+    model: Annotated[str, typer.Option("--model", help="model name")] = "llama-3.1-8b",
+    sessions: Annotated[
+        int | None,
+        typer.Option(
+            "--sessions",
+            help=f"sessions per run [default: {DEFAULT_NUM_SESSIONS}, or all of a trace]",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of workload and arrivals")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = DEFAULT_OUT_DIR,
+    runtime: Annotated[str, typer.Option("--runtime", help="sim (vllm, ray: not yet)")] = "sim",
+    cpu_cores_per_gpu: Annotated[
+        int, typer.Option("--cpu-cores-per-gpu", help="tool-pool CPU cores per GPU")
+    ] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="print summary JSON, not tables")] = False,
+) -> None:
+    """Compare scheduling policies on one workload across arrival rates."""
+    if runtime not in ("sim", "vllm", "ray"):
+        raise ConfigError(f"unknown runtime {runtime!r}; known: sim, vllm, ray")
+    config = validated(
+        BenchConfig,
+        workload=workload,
+        trace=trace,
+        policies=tuple(_split(policies) or ()),
+        rates_per_s=_floats("--rates", rates),
+        loads=_floats("--load", load),
+        num_gpus=gpus,
+        num_nodes=nodes,
+        gpu=gpu,
+        model=model,
+        cpu_cores_per_gpu=cpu_cores_per_gpu,
+        num_sessions=sessions,
+        seed=seed,
+        out_dir=out,
+        runtime=runtime,
+    )
+    console = Console(stderr=True) if as_json else Console()
+    summary = run_bench(config, console=console, show_table=not as_json)
+    if as_json:
+        print(json.dumps(summary, indent=2, allow_nan=False))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench`` command to ``app``."""
+    app.command("bench")(bench_command)
