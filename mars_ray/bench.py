@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import typer
@@ -31,18 +31,22 @@ from rich.table import Table
 
 from mars_ray.config import ClusterConfig, EngineConfig, FrozenConfig, validated
 from mars_ray.errors import ConfigError, MarsError
-from mars_ray.metrics import DEFAULT_ALPHA, alpha_key, json_safe, summarize_run
+from mars_ray.metrics import DEFAULT_ALPHA, GOODPUT_ALPHAS, alpha_key, json_safe, summarize_run
 from mars_ray.results import RunResult
 from mars_ray.session import SessionSpec
 
-if False:  # typing only; the cost model is imported lazily like the rest of the runtime
+if TYPE_CHECKING:  # the runtime (cost model, workloads, simulator) is imported lazily
     from mars_ray.engine.costmodel import CostModel
 
 DEFAULT_WORKLOAD = "swe"
 DEFAULT_POLICIES: tuple[str, ...] = ("mars", "fcfs", "autellix", "continuum", "infercept")
-DEFAULT_LOADS: tuple[float, ...] = (0.5, 1.0)
+DEFAULT_LOADS: tuple[float, ...] = (0.5, 1.0, 1.5)
 DEFAULT_NUM_SESSIONS = 60
 DEFAULT_OUT_DIR = Path("results/bench")
+_CLUSTER_FIELDS = ClusterConfig.model_fields
+DEFAULT_GPU: str = _CLUSTER_FIELDS["gpu"].default
+DEFAULT_MODEL: str = _CLUSTER_FIELDS["model"].default
+DEFAULT_CPU_CORES_PER_GPU: int = _CLUSTER_FIELDS["cpu_cores_per_gpu"].default
 FALLBACK_MAX_CONTEXT_TOKENS = 131_072
 AVAILABLE_RUNTIMES = ("sim",)
 MARS = "mars"
@@ -72,9 +76,9 @@ class BenchConfig(FrozenConfig):
     )
     num_gpus: int = 1
     num_nodes: int = 1
-    gpu: str = "h100-80gb"
-    model: str = "llama-3.1-8b"
-    cpu_cores_per_gpu: int = Field(16, description="tool-pool cores per GPU")
+    gpu: str = DEFAULT_GPU
+    model: str = DEFAULT_MODEL
+    cpu_cores_per_gpu: int = Field(DEFAULT_CPU_CORES_PER_GPU, description="tool-pool cores per GPU")
     num_sessions: int | None = Field(None, description="sessions per run; None: whole trace")
     seed: int = 0
     out_dir: Path = DEFAULT_OUT_DIR
@@ -119,8 +123,9 @@ class BenchConfig(FrozenConfig):
             raise _bad(f"--sessions must be >= 1, got {self.num_sessions}")
         if self.num_gpus % self.num_nodes:
             raise _bad(f"--gpus ({self.num_gpus}) must be a multiple of --nodes ({self.num_nodes})")
-        if not (self.alpha >= 1 and math.isfinite(self.alpha)):
-            raise _bad(f"alpha must be a finite slowdown >= 1, got {self.alpha}")
+        if self.alpha not in GOODPUT_ALPHAS:
+            known = ", ".join(alpha_key(a) for a in GOODPUT_ALPHAS)
+            raise _bad(f"--alpha must be one of the reported bounds {known}, got {self.alpha:g}")
         return self
 
     @property
@@ -166,6 +171,7 @@ def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = Non
     if config.num_sessions is not None:
         args += ["--sessions", str(config.num_sessions)]
     args += ["--seed", str(config.seed), "--out", str(config.out_dir), "--runtime", config.runtime]
+    args += ["--alpha", f"{config.alpha:g}"]
     return shlex.join(args)
 
 
@@ -331,12 +337,17 @@ class BenchPlan:
     engine: EngineConfig
     saturation: SaturationEstimate
     points: list[SweepPoint]
+    policies: tuple[str, ...]
 
     @property
     def num_runs(self) -> int:
         return len(self.points) * len(self.policies)
 
-    policies: tuple[str, ...] = ()
+    @property
+    def rates_per_s(self) -> list[float] | None:
+        """The resolved Poisson rates; None when the trace's own arrivals are used."""
+        rates = [p.rate_per_s for p in self.points if p.rate_per_s is not None]
+        return rates or None
 
 
 def check_runnable(config: BenchConfig) -> None:
@@ -392,7 +403,7 @@ def plan_bench(config: BenchConfig) -> BenchPlan:
 
     check_runnable(config)
     cluster = config.cluster
-    engine = EngineConfig()
+    engine = validated(EngineConfig)
     cost_model = CostModel(load_profile(config.gpu, config.model))
     sessions = load_sessions(config, cost_model, engine)
     if not sessions:
@@ -426,8 +437,11 @@ ProgressFn = Callable[[int, int], None]
 @contextmanager
 def _progress_bar(
     console: Console, total: int, enabled: bool
-) -> Iterator[Callable[[str], ProgressFn]]:
-    """Yields ``start(label) -> on_progress``: one bar over sessions of every run."""
+) -> Iterator[Callable[[str, int], ProgressFn]]:
+    """Yields ``start(label, num_done_before) -> on_progress``: one bar over all runs' sessions.
+
+    Disabled unless ``enabled`` and the console is a terminal.
+    """
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -439,15 +453,12 @@ def _progress_bar(
         transient=True,
     )
     task = progress.add_task("bench", total=total)
-    offset = [0]
 
-    def start(label: str) -> ProgressFn:
-        base = offset[0]
-        progress.update(task, description=label)
+    def start(label: str, num_done_before: int) -> ProgressFn:
+        progress.update(task, description=label, completed=num_done_before)
 
         def on_progress(num_finished: int, num_sessions: int) -> None:
-            progress.update(task, completed=base + num_finished)
-            offset[0] = base + num_sessions
+            progress.update(task, completed=num_done_before + num_finished)
 
         return on_progress
 
@@ -492,7 +503,8 @@ def run_sweep(
     with _progress_bar(console, total, progress) as start:
         for point in plan.points:
             for policy in plan.policies:
-                on_progress = start(f"{policy} @ {_point_label(point)}")
+                label = f"{policy} @ {_point_label(point)}"
+                on_progress = start(label, len(runs) * len(plan.sessions))
                 runs.append((point, _run_one(plan, config, policy, point, on_progress)))
     return runs
 
@@ -501,12 +513,11 @@ def build_summary(
     config: BenchConfig, plan: BenchPlan, runs: Sequence[tuple[SweepPoint, RunResult]]
 ) -> dict[str, Any]:
     """``summary.json``: ``{"config": ..., "runs": [...]}`` (DESIGN section 8), JSON-safe."""
-    rates = None if plan.points[0].rate_per_s is None else [p.rate_per_s for p in plan.points]
     config_entry = config.model_dump(mode="json") | {
         "command": rerun_command(config),
-        "rerun_command": rerun_command(config, rates),  # type: ignore[arg-type]
+        "rerun_command": rerun_command(config, plan.rates_per_s),
         "argv": list(sys.argv),
-        "resolved_rates_per_s": rates,
+        "resolved_rates_per_s": plan.rates_per_s,
         "saturation": plan.saturation._asdict() | {"rate_per_s": plan.saturation.rate_per_s},
         "engine": plan.engine.model_dump(mode="json"),
         "num_sessions_run": len(plan.sessions),
@@ -629,8 +640,13 @@ def write_outputs(
 # --------------------------------------------------------------------------- tables
 
 
-def _fmt(value: Any, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: Any, spec: str | None = None) -> str:
+    """``-`` for None; by default 3 significant digits, whole numbers from 100 up."""
+    if value is None:
+        return "-"
+    if spec is None:
+        spec = ",.0f" if abs(value) >= 100 else ".3g"
+    return format(value, spec)
 
 
 def _rate_label(entry: dict[str, Any]) -> str:
@@ -683,11 +699,10 @@ def mars_ratio_table(
     entries: Sequence[dict[str, Any]], *, alpha: float = DEFAULT_ALPHA
 ) -> Table | None:
     """MARS against each other policy at each rate; None when MARS did not run."""
-    table = Table(
-        title=f"MARS vs each policy (JCT ratio = other / MARS; goodput@{alpha:g} "
-        "ratio = MARS / other; > 1 favours MARS)"
-    )
-    for header in ("load (rate)", "vs policy", "mean JCT ratio", "p90 JCT ratio", "goodput ratio"):
+    table = Table(title="MARS vs each policy (ratios > 1 favour MARS)")
+    headers = ("load (rate)", "vs policy", "mean JCT other/MARS", "p90 JCT other/MARS",
+               f"goodput@{alpha:g} MARS/other")  # fmt: skip
+    for header in headers:
         table.add_column(header, justify="left" if header == "vs policy" else "right")
     num_rows = 0
     for mars in (e for e in entries if e["policy"] == MARS):
@@ -757,8 +772,8 @@ def bench_command(
     ] = None,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the cluster")] = 1,
     nodes: Annotated[int, typer.Option("--nodes", help="nodes (GPUs split evenly)")] = 1,
-    gpu: Annotated[str, typer.Option("--gpu", help="GPU name")] = "h100-80gb",
-    model: Annotated[str, typer.Option("--model", help="model name")] = "llama-3.1-8b",
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU name")] = DEFAULT_GPU,
+    model: Annotated[str, typer.Option("--model", help="model name")] = DEFAULT_MODEL,
     sessions: Annotated[
         int | None,
         typer.Option(
@@ -771,7 +786,10 @@ def bench_command(
     runtime: Annotated[str, typer.Option("--runtime", help="sim (vllm, ray: not yet)")] = "sim",
     cpu_cores_per_gpu: Annotated[
         int, typer.Option("--cpu-cores-per-gpu", help="tool-pool CPU cores per GPU")
-    ] = 16,
+    ] = DEFAULT_CPU_CORES_PER_GPU,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="goodput slowdown bound of the table and plots")
+    ] = DEFAULT_ALPHA,
     as_json: Annotated[bool, typer.Option("--json", help="print summary JSON, not tables")] = False,
 ) -> None:
     """Compare scheduling policies on one workload across arrival rates."""
@@ -793,6 +811,7 @@ def bench_command(
         seed=seed,
         out_dir=out,
         runtime=runtime,
+        alpha=alpha,
     )
     console = Console(stderr=True) if as_json else Console()
     summary = run_bench(config, console=console, show_table=not as_json)

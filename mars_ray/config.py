@@ -40,7 +40,7 @@ class MlfqConfig(FrozenConfig):
     )
     prefill_bucket_tokens: tuple[int, ...] = Field(
         (2048, 8192, 32768),
-        description="remaining-prefill upper bounds of levels 0..n-2; larger goes to the last level",
+        description="remaining-prefill bounds of levels 0..n-2; larger: last level",
     )
     aging_s: float = Field(30.0, gt=0, description="promote one level per this long unserved")
 

@@ -115,6 +115,10 @@ class SimEngine:
         self._pin_expiries: list[tuple[float, str]] = []
         self._bs = config.block_size
         self._pending_reload_s = 0.0  # CPU-tier loads to add to the next step
+        # Blocks of sessions in a tool call whose KV was kept for their return: the
+        # part of the working set that KV usage alone does not show.
+        self._retained_blocks: dict[str, int] = {}
+        self._num_retained_blocks = 0
 
     # -- capacity ---------------------------------------------------------------
     @property
@@ -131,6 +135,13 @@ class SimEngine:
                 f"or a shorter context"
             )
 
+    @property
+    def kv_demand(self) -> float:
+        """KV working set / capacity: blocks held (running, pinned) plus blocks of
+        sessions in a tool call that were kept for their return. Can exceed 1, which
+        is exactly when returning sessions will find their KV evicted (thrashing)."""
+        return (self.pool.num_used_blocks + self._num_retained_blocks) / self.pool.num_blocks
+
     def load(self) -> EngineLoad:
         return EngineLoad(
             self.engine_id,
@@ -139,6 +150,7 @@ class SimEngine:
             len(self.running),
             len(self.waiting),
             self.capacity_weight,
+            self.kv_demand,
         )
 
     @property
@@ -336,6 +348,7 @@ class SimEngine:
             self._reload(request, gpu_hit, cpu_hit)
         if pin is not None:
             self._unpin(sid)
+        self._num_retained_blocks -= self._retained_blocks.pop(sid, 0)
         hit_tokens = (gpu_hit + cpu_hit) * self._bs
         request.num_computed_tokens = hit_tokens
         if request.num_preemptions == 0:
@@ -525,6 +538,11 @@ class SimEngine:
             self.stats.num_offloaded_blocks += full
         evict_first = action in (RetentionAction.EVICT_FIRST, RetentionAction.OFFLOAD)
         self.pool.free(blocks, evict_first=evict_first)
+        if not evict_first and not request.is_last_turn:
+            self._num_retained_blocks += len(blocks) - self._retained_blocks.get(
+                request.session_id, 0
+            )
+            self._retained_blocks[request.session_id] = len(blocks)
 
     def _pin(self, session_id: str, blocks: list[int], expires_s: float) -> None:
         self._unpin(session_id)

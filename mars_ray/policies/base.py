@@ -188,7 +188,7 @@ class RetentionPolicy(ABC):
 class ClusterSignals:
     """Cluster-wide observations fed to admission control each tick."""
 
-    kv_usage: float  # used / total KV blocks, mean over the engines in scope
+    kv_usage: float  # KV working set / capacity, mean over the engines in scope (may exceed 1)
     num_tools_in_flight: int  # running + queued tool calls
     num_tool_workers: int  # CPU cores of the tool pool
     tool_wait_ema_s: float  # EMA of tool delay beyond its uncontended time
@@ -249,13 +249,13 @@ class EngineLoad:
     num_running: int
     num_waiting: int
     capacity_weight: float = 1.0  # relative speed (an H200 beside an H100 > 1)
+    kv_demand: float = 0.0  # working set incl. KV kept for sessions in tools (may exceed 1)
 
     @property
     def load_score(self) -> float:
-        """Lower is better: queue depth and KV fill, scaled by capacity."""
-        return (self.num_running + 2.0 * self.num_waiting + 64.0 * self.kv_usage) / (
-            self.capacity_weight
-        )
+        """Lower is better: queue depth and KV working set, scaled by capacity."""
+        kv = max(self.kv_usage, self.kv_demand)
+        return (self.num_running + 2.0 * self.num_waiting + 64.0 * kv) / (self.capacity_weight)
 
 
 class PlacementPolicy(ABC):

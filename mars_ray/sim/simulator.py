@@ -35,6 +35,7 @@ ProgressFn = Callable[[int, int], None]
 
 TIMESERIES_COLUMNS = (
     "kv_usage",
+    "kv_demand",
     "num_evicted_blocks",
     "admission_window",
     "num_running",
@@ -276,6 +277,7 @@ class ClusterSim:
         ts.t_s.append(self.now_s)
         cols = ts.columns
         cols["kv_usage"].append(sum(e.pool.usage for e in engines) / len(engines))
+        cols["kv_demand"].append(sum(e.kv_demand for e in engines) / len(engines))
         cols["num_evicted_blocks"].append(sum(e.pool.num_evicted_blocks for e in engines))
         cols["admission_window"].append(
             math.nan if windows[0] is None else float(sum(w or 0 for w in windows))
