@@ -753,7 +753,7 @@ def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
 def bench_command(
     workload: Annotated[
         str | None,
-        typer.Option("--workload", help=f"workload generator [default: {DEFAULT_WORKLOAD}]"),
+        typer.Option("--workload", help="workload generator", show_default=DEFAULT_WORKLOAD),
     ] = None,
     trace: Annotated[Path | None, typer.Option("--trace", help="Parquet trace instead")] = None,
     policies: Annotated[
@@ -766,8 +766,8 @@ def bench_command(
         str | None,
         typer.Option(
             "--load",
-            help="comma-separated fractions of the estimated saturation rate "
-            f"[default: {','.join(f'{x:g}' for x in DEFAULT_LOADS)} for a workload]",
+            help="comma-separated fractions of the estimated saturation rate",
+            show_default=",".join(f"{x:g}" for x in DEFAULT_LOADS) + " for a workload",
         ),
     ] = None,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the cluster")] = 1,
@@ -778,7 +778,8 @@ def bench_command(
         int | None,
         typer.Option(
             "--sessions",
-            help=f"sessions per run [default: {DEFAULT_NUM_SESSIONS}, or all of a trace]",
+            help="sessions per run",
+            show_default=f"{DEFAULT_NUM_SESSIONS}, or all of a trace",
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of workload and arrivals")] = 0,

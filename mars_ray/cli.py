@@ -22,13 +22,14 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from mars_ray import bench
+    from mars_ray import bench, perf
     from mars_ray.engine import cli as engine_cli
     from mars_ray.workloads import cli as workloads_cli
 
     engine_cli.register(app)
     workloads_cli.register(app)
     bench.register(app)
+    perf.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

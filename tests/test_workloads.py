@@ -13,6 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import typer
+from typer.testing import CliRunner
+
+from mars_ray.errors import ConfigError, TraceError, UnknownNameError
+from mars_ray.session import SessionSpec, Turn
 from mars_ray.workloads import (
     WORKLOADS,
     assign_arrivals,
@@ -23,10 +27,6 @@ from mars_ray.workloads import (
     write_trace,
 )
 from mars_ray.workloads.cli import register
-from typer.testing import CliRunner
-
-from mars_ray.errors import ConfigError, TraceError, UnknownNameError
-from mars_ray.session import SessionSpec, Turn
 
 WINDOW_TOKENS = 131_072
 

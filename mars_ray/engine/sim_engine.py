@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from typing import cast
 
 from mars_ray.config import EngineConfig
 from mars_ray.engine.costmodel import CostModel
@@ -224,10 +225,14 @@ class SimEngine:
                 decodes.append(request)
             else:
                 prefills.append(request)
+        bs = self._bs
         for request in decodes:
             if not request.is_running or budget <= 0:
                 continue
-            if self._ensure_blocks(request, 1, sched, now_s, may_preempt=True):
+            # fast path: the token fits in the last block already held
+            if request.num_computed_tokens < len(request.block_ids) * bs or self._ensure_blocks(
+                request, 1, sched, now_s, may_preempt=True
+            ):
                 sched[request] = 1
                 budget -= 1
         for request in self.policy.order_running_prefills(prefills):
@@ -245,8 +250,7 @@ class SimEngine:
         """Start waiting requests in queue order; True if the head was blocked on KV."""
         waiting = self.waiting
         while budget > 0 and len(waiting) > 0 and len(self.running) < self.config.max_num_seqs:
-            request = waiting.peek()
-            assert request is not None
+            request = cast(EngineRequest, waiting.peek())
             if not request.started and not self._take_prefix(request, now_s):
                 return True, budget
             num_tokens = self._fit_chunk(request, self._chunk(request, budget), sched, now_s, False)
@@ -577,7 +581,7 @@ class SimEngine:
         """Every block accounted for; no negative counts; running/waiting disjoint."""
         holders = [r.block_ids for r in self.running] + [p.blocks for p in self._pins.values()]
         self.pool.check_invariants(holders)
-        waiting = list(self.waiting)
+        waiting = [cast(EngineRequest, r) for r in self.waiting]
         assert all(not r.block_ids for r in waiting), "a waiting request holds KV"
         waiting_ids = {r.request_id for r in waiting}
         assert not waiting_ids & {r.request_id for r in self.running}, "request in both queues"

@@ -21,7 +21,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class SchedulableRequest(Protocol):
@@ -51,6 +51,9 @@ class SchedulableRequest(Protocol):
     def is_prefilling(self) -> bool:
         """More than one token left to compute (a decode step computes exactly one)."""
         ...
+
+
+R = TypeVar("R", bound=SchedulableRequest)
 
 
 class WaitingQueue(ABC):
@@ -120,9 +123,7 @@ class SchedulerPolicy(ABC):
         """Cap on this step's prefill chunk in the first pass; None means no cap."""
         return None
 
-    def order_running_prefills(
-        self, requests: list[SchedulableRequest]
-    ) -> list[SchedulableRequest]:
+    def order_running_prefills(self, requests: list[R]) -> list[R]:
         """Running requests still prefilling, in the order they get budget."""
         return requests
 
@@ -132,9 +133,7 @@ class SchedulerPolicy(ABC):
         """``num_tokens`` of ``request`` were scheduled in this step."""
 
     @abstractmethod
-    def choose_victim(
-        self, running: Sequence[SchedulableRequest], now_s: float
-    ) -> SchedulableRequest:
+    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
         """The running request to preempt when KV runs out (``running`` is non-empty)."""
 
     def on_preempted(self, request: SchedulableRequest, now_s: float) -> None:  # noqa: B027

@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mars_ray.policies.base import SchedulableRequest, SchedulerPolicy, WaitingQueue
+from mars_ray.policies.base import R, SchedulableRequest, SchedulerPolicy, WaitingQueue
 from mars_ray.policies.queues import FifoQueue, LeveledQueue
 
 
@@ -16,9 +16,7 @@ class FcfsScheduler(SchedulerPolicy):
     def make_waiting_queue(self) -> WaitingQueue:
         return FifoQueue()
 
-    def choose_victim(
-        self, running: Sequence[SchedulableRequest], now_s: float
-    ) -> SchedulableRequest:
+    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
         return max(running, key=lambda r: r.arrival_s)
 
 
@@ -28,15 +26,11 @@ class ProgramFcfsScheduler(SchedulerPolicy):
     def make_waiting_queue(self) -> WaitingQueue:
         return LeveledQueue(1, _by_session_arrival, _never, _no_promotion)
 
-    def order_running_prefills(
-        self, requests: list[SchedulableRequest]
-    ) -> list[SchedulableRequest]:
+    def order_running_prefills(self, requests: list[R]) -> list[R]:
         requests.sort(key=lambda r: r.session_arrival_s)
         return requests
 
-    def choose_victim(
-        self, running: Sequence[SchedulableRequest], now_s: float
-    ) -> SchedulableRequest:
+    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
         return max(running, key=lambda r: (r.session_arrival_s, r.arrival_s))
 
 
@@ -105,16 +99,12 @@ class PlasScheduler(SchedulerPolicy):
     def _attained(request: SchedulableRequest) -> int:
         return request.session_service_tokens + request.num_computed_tokens
 
-    def order_running_prefills(
-        self, requests: list[SchedulableRequest]
-    ) -> list[SchedulableRequest]:
+    def order_running_prefills(self, requests: list[R]) -> list[R]:
         requests.sort(key=lambda r: (r.policy_state.level, r.arrival_s))
         return requests
 
     def on_preempted(self, request: SchedulableRequest, now_s: float) -> None:
         request.policy_state.level = self.level_of(self._attained(request))
 
-    def choose_victim(
-        self, running: Sequence[SchedulableRequest], now_s: float
-    ) -> SchedulableRequest:
+    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
         return max(running, key=lambda r: (self.level_of(self._attained(r)), r.arrival_s))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mars_ray.config import MlfqConfig
-from mars_ray.policies.base import SchedulableRequest, SchedulerPolicy, WaitingQueue
+from mars_ray.policies.base import R, SchedulableRequest, SchedulerPolicy, WaitingQueue
 from mars_ray.policies.queues import LeveledQueue
 
 
@@ -92,9 +92,7 @@ class MlfqScheduler(SchedulerPolicy):
         state: MlfqState = request.policy_state
         return self._config.quanta_tokens[state.level]
 
-    def order_running_prefills(
-        self, requests: list[SchedulableRequest]
-    ) -> list[SchedulableRequest]:
+    def order_running_prefills(self, requests: list[R]) -> list[R]:
         if len(requests) > 1:
             requests.sort(key=lambda r: (r.policy_state.level, r.arrival_s))
         return requests
@@ -112,9 +110,7 @@ class MlfqScheduler(SchedulerPolicy):
         else:
             state.level = 0
 
-    def choose_victim(
-        self, running: Sequence[SchedulableRequest], now_s: float
-    ) -> SchedulableRequest:
+    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
         if not self._unified_eviction:
             return max(running, key=lambda r: r.arrival_s)
         return max(running, key=_victim_key)

@@ -84,7 +84,7 @@ class ToolPool:
             else:
                 still_waiting.append((ready_s, call))
         self._waiting = still_waiting
-        running = []
+        running: list[ToolCall] = []
         for call in self._cpu:
             (finished if call.remaining_cpu_s <= eps else running).append(call)
         self._cpu = running

@@ -1,0 +1,137 @@
+"""Performance benchmarks that print figures (never timed assertions in tests).
+
+* ``mars-ray perf schedule``: the cost of one scheduling decision (``plan_step``)
+  of a SimEngine with R running and W waiting requests, per policy, and how it
+  grows with the request count.
+* ``mars-ray perf sim``: simulated seconds per wall second of the cluster
+  simulator at saturation, for 1 GPU and for a large cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import numpy as np
+import typer
+
+from mars_ray.config import ClusterConfig, EngineConfig
+from mars_ray.engine.costmodel import CostModel, load_profile
+from mars_ray.engine.request import EngineRequest
+from mars_ray.engine.sim_engine import SimEngine
+from mars_ray.policies.registry import PolicyConfig, get_policy
+
+
+def _engine_with_load(policy: str, num_running: int, num_waiting: int) -> SimEngine:
+    """An engine with ``num_running`` decoding requests (the batch is full) and
+    ``num_waiting`` queued ones of mixed prompt lengths."""
+    spec = get_policy(policy)
+    config = EngineConfig(max_num_seqs=num_running, num_gpu_blocks_override=4_000_000)
+    engine = SimEngine(
+        0,
+        CostModel(load_profile("h100-80gb", "llama-3.1-8b")),
+        config,
+        spec.make_scheduler(PolicyConfig()),
+    )
+    for i in range(num_running):
+        engine.add_request(EngineRequest(f"r{i}", 1, 0.0, 64 + i % 512, 1_000_000), 0.0)
+    now_s = 0.0
+    while any(r.is_prefilling for r in engine.running) or len(engine.running) < num_running:
+        plan = engine.plan_step(now_s)
+        assert plan is not None
+        now_s = plan.end_s
+        engine.complete_step(now_s)
+    rng = np.random.default_rng(0)
+    for i in range(num_waiting):
+        prompt = int(rng.integers(100, 40_000))
+        engine.add_request(EngineRequest(f"w{i}", i % 3, now_s, prompt, 200), now_s)
+    return engine
+
+
+def time_schedule_us(policy: str, num_running: int, num_waiting: int, repeats: int) -> float:
+    """Median microseconds of one ``plan_step`` (single steps: runs are cut to one)."""
+    engine = _engine_with_load(policy, num_running, num_waiting)
+    samples = []
+    now_s = 1000.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan = engine.plan_step(now_s)
+        samples.append(time.perf_counter() - t0)
+        assert plan is not None
+        plan.num_steps = 1
+        now_s = plan.end_s
+        engine.complete_step(now_s)
+    return statistics.median(samples) * 1e6
+
+
+def register(app: typer.Typer) -> None:
+    perf = typer.Typer(help="Performance benchmarks (print figures).", no_args_is_help=True)
+    app.add_typer(perf, name="perf")
+
+    @perf.command("schedule")
+    def schedule(
+        policies: str = typer.Option("mars,fcfs", help="comma-separated policy names"),
+        repeats: int = typer.Option(300, min=10, help="decisions timed per point"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    ) -> None:
+        """Median cost of one scheduling decision vs running/waiting request counts."""
+        sizes = [(32, 250), (64, 500), (128, 1000), (256, 2000), (512, 4000)]
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        for name in names:
+            get_policy(name)
+        rows = [
+            {
+                "policy": name,
+                "num_running": r,
+                "num_waiting": w,
+                "median_us": round(time_schedule_us(name, r, w, repeats), 1),
+            }
+            for name in names
+            for r, w in sizes
+        ]
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        for row in rows:
+            print(
+                f"{row['policy']:>10}  running={row['num_running']:>4}  "
+                f"waiting={row['num_waiting']:>5}  median={row['median_us']:>8.1f} us"
+            )
+
+    @perf.command("sim")
+    def sim(
+        gpus: int = typer.Option(1, min=1),
+        nodes: int = typer.Option(1, min=1),
+        policy: str = typer.Option("mars"),
+        duration_s: float = typer.Option(3600.0, min=1.0, help="simulated seconds"),
+        rate_per_gpu: float = typer.Option(0.3, min=0.0001, help="sessions/s per GPU"),
+        seed: int = typer.Option(0),
+    ) -> None:
+        """Simulated seconds per wall-clock second at saturation (swe workload)."""
+        from mars_ray.sim import simulate
+        from mars_ray.workloads.arrivals import assign_arrivals, poisson_arrivals
+        from mars_ray.workloads.generators import WORKLOADS
+
+        cluster = ClusterConfig(num_gpus=gpus, num_nodes=nodes)
+        num_sessions = max(1, int(rate_per_gpu * gpus * duration_s))
+        rng = np.random.default_rng(seed)
+        sessions = WORKLOADS.get("swe")(num_sessions, rng, 131072)
+        times = poisson_arrivals(num_sessions, rate_per_gpu * gpus, np.random.default_rng(seed + 1))
+        sessions = assign_arrivals(sessions, times)
+        result = simulate(sessions, policy, cluster=cluster, seed=seed, horizon_s=duration_s)
+        steps = result.counters
+        print(
+            json.dumps(
+                {
+                    "gpus": gpus,
+                    "nodes": nodes,
+                    "policy": policy,
+                    "num_sessions": num_sessions,
+                    "simulated_s": round(result.simulated_s, 1),
+                    "wall_s": round(result.wall_s, 2),
+                    "speedup_vs_real_time": round(result.simulated_s / result.wall_s, 1),
+                    "gpu_busy_frac": round(steps.gpu_busy_frac, 3),
+                }
+            )
+        )
