@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv bench test lint typecheck check clean
+.PHONY: venv venv-vllm bench test test-vllm lint typecheck check clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (mars-ray needs Python 3.11)"; exit 1; }
@@ -15,6 +15,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## vLLM 0.29 (through ray[llm]==2.60.0) on the CPU build of torch, for tests/vllm (~4 min, ~7 GB).
+## The CUDA torchvision/torchaudio that ray[llm] pulls in break `import vllm`: removed.
+VLLM_STAMP = $(VENV)/.installed-vllm
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q 'ray[llm]==2.60.0' torch==2.13.0
+	$(BIN)/pip uninstall -q -y torchvision torchaudio
+	$(BIN)/pip install -q -e '.[dev,vllm]'
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+## MarsScheduler / SimulatedExecutor tests against real vLLM on the CPU.
+test-vllm: $(VLLM_STAMP)
+	VLLM_TARGET_DEVICE=cpu $(BIN)/python -m pytest -q tests/vllm
 
 ## Quick comparison of MARS against the baselines on the embedded defaults (simulated H100).
 bench: $(STAMP)

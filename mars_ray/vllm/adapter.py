@@ -18,24 +18,26 @@ from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.request import Request
 
 from mars_ray.policies.base import WaitingQueue
-from mars_ray.vllm.hints import HintError, SessionHints, one_turn_session, parse_hints
+from mars_ray.vllm.hints import HINTS_KEY, HintError, SessionHints, one_turn_session, parse_hints
 
 logger = logging.getLogger(__name__)
 
 
-def hints_of(request: Request) -> SessionHints:
-    """The request's session hints; malformed hints degrade to a one-turn session.
+def hints_of(request: Request) -> tuple[SessionHints, bool]:
+    """The request's session hints and whether the client gave any.
 
+    Malformed hints degrade to a one-turn session (``hinted`` False).
     The API rejects malformed hints (:mod:`mars_ray.vllm.validation`); a request
     that reaches the engine core another way must not crash it, so this logs instead.
     """
     params = request.sampling_params
     extra = params.extra_args if params is not None else None
     try:
-        return parse_hints(extra, request.request_id)
+        hints = parse_hints(extra, request.request_id)
     except HintError as exc:
         logger.warning("request %s: ignoring session hints: %s", request.request_id, exc)
-        return one_turn_session(request.request_id)
+        return one_turn_session(request.request_id), False
+    return hints, bool(extra) and HINTS_KEY in extra
 
 
 class RequestView:
@@ -43,6 +45,7 @@ class RequestView:
 
     __slots__ = (
         "block_size",
+        "hinted",
         "hints",
         "policy_state",
         "request",
@@ -51,10 +54,16 @@ class RequestView:
     )
 
     def __init__(
-        self, request: Request, hints: SessionHints, block_size: int, session_service_tokens: int
+        self,
+        request: Request,
+        hints: SessionHints,
+        hinted: bool,
+        block_size: int,
+        session_service_tokens: int,
     ) -> None:
         self.request = request
         self.hints = hints
+        self.hinted = hinted  # False: no (valid) hints, a plain one-turn request
         self.block_size = block_size
         self.session_service_tokens = session_service_tokens
         self.session_service_s = 0.0
@@ -85,6 +94,10 @@ class RequestView:
         return self.request.num_prompt_tokens
 
     @property
+    def num_tokens(self) -> int:
+        return self.request.num_tokens
+
+    @property
     def num_computed_tokens(self) -> int:
         return self.request.num_computed_tokens
 
@@ -99,7 +112,8 @@ class RequestView:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.request.num_computed_tokens < self.request.num_prompt_tokens
+        """More than one token left to compute (a decode step computes one)."""
+        return self.request.num_tokens - self.request.num_computed_tokens > 1
 
 
 @dataclass(slots=True)
@@ -116,6 +130,7 @@ class ScheduledSnapshot:
     arrival_s: float
     session_arrival_s: float
     num_prompt_tokens: int
+    num_tokens: int
     num_computed_tokens: int
     num_output_tokens: int
     session_service_tokens: int
@@ -128,19 +143,20 @@ class ScheduledSnapshot:
     def before_step(cls, view: RequestView, num_scheduled_tokens: int) -> ScheduledSnapshot:
         computed = view.num_computed_tokens - num_scheduled_tokens
         return cls(
-            view.request_id,
-            view.session_id,
-            view.turn_index,
-            view.arrival_s,
-            view.session_arrival_s,
-            view.num_prompt_tokens,
-            computed,
-            view.num_output_tokens,
-            view.session_service_tokens,
-            view.session_service_s,
-            view.policy_state,
-            -(-computed // view.block_size),
-            computed < view.num_prompt_tokens,
+            request_id=view.request_id,
+            session_id=view.session_id,
+            turn_index=view.turn_index,
+            arrival_s=view.arrival_s,
+            session_arrival_s=view.session_arrival_s,
+            num_prompt_tokens=view.num_prompt_tokens,
+            num_tokens=view.num_tokens,
+            num_computed_tokens=computed,
+            num_output_tokens=view.num_output_tokens,
+            session_service_tokens=view.session_service_tokens,
+            session_service_s=view.session_service_s,
+            policy_state=view.policy_state,
+            num_blocks=-(-computed // view.block_size),
+            is_prefilling=view.num_tokens - computed > 1,
         )
 
 

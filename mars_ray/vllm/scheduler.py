@@ -1,0 +1,354 @@
+"""``MarsScheduler``: MARS inside vLLM 0.29 without a fork (DESIGN sections 4 and 10).
+
+Plug it in with ``scheduler_cls="mars_ray.vllm.scheduler.MarsScheduler"`` (engine
+argument, ``--scheduler-cls``); choose the policy with
+``additional_config={"mars": {"policy": "mars"}}`` (any name of
+``mars_ray.policies.registry``; default ``mars``). vLLM's ``schedule()`` loop runs
+unchanged; MARS acts through five narrow overrides:
+
+1. **Waiting order** - ``self.waiting`` / ``self.skipped_waiting`` are replaced by a
+   :class:`~mars_ray.vllm.adapter.PolicyRequestQueue` over the policy's waiting
+   queue (MLFQ levels, continuations first, aging), refreshed before each pass.
+2. **Victim order** - vLLM's FCFS branch preempts ``self.running.pop()``, the last
+   running request. Before each pass the running list is sorted so that its last
+   element is the MARS victim (``max`` by level, fresh prefill, arrival); as vLLM
+   schedules running requests front to back, higher priorities get budget first.
+3. **Chunk quanta and shrinking** - ``_reserve_prefill_lookahead`` is the last
+   place vLLM trims a chunk before ``allocate_slots``. There the MLFQ quantum caps
+   a prefill chunk while other requests compete, and a running prefill whose chunk
+   does not fit in the free blocks is halved (down to one block) before vLLM would
+   preempt anyone.
+4. **Feedback** - after ``schedule()`` the policy's ``on_scheduled`` sees each
+   request's tokens (demotion); ``_preempt_request`` first tells the policy (the
+   victim re-enters level 0 at the front).
+5. **Retention** - when a turn ends, ``_free_request_blocks`` asks the retention
+   policy; sessions not expected back soon (or on their last turn) have their
+   freed blocks moved to the evict-first end of vLLM's free-block queue.
+   ``PIN`` is treated as ``KEEP_LRU`` and ``OFFLOAD`` as ``EVICT_FIRST`` (no CPU
+   tier is wired through a KV connector yet).
+
+Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``):
+
+* ``Scheduler.waiting``, ``Scheduler.skipped_waiting`` (``RequestQueue``),
+  ``Scheduler.running`` (list; FCFS preemption pops its last element),
+  ``Scheduler.requests``, ``Scheduler.policy``, ``Scheduler.defer_block_free``,
+  ``Scheduler.num_lookahead_tokens``;
+* ``Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)``;
+* ``Scheduler._preempt_request(request, timestamp, drop_stale_output=False)``;
+* ``Scheduler._free_request(request, delay_free_blocks=False)``,
+  ``Scheduler._free_request_blocks(request)``;
+* ``KVCacheManager.block_pool``, ``KVCacheManager.pop_blocks_for_free``,
+  ``BlockPool.free_block_queue`` (``remove``, ``prepend_n``), ``KVCacheBlock``
+  ``ref_cnt`` / ``block_hash`` / ``is_null``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.request import Request, RequestStatus
+
+from mars_ray.clock import Clock, WallClock
+from mars_ray.engine.costmodel import CostModel
+from mars_ray.errors import ConfigError
+from mars_ray.policies.base import RetentionAction, SchedulerPolicy, TurnEndContext
+from mars_ray.policies.mlfq import MlfqScheduler, MlfqState
+from mars_ray.policies.registry import PolicyConfig, get_policy
+from mars_ray.vllm.adapter import PolicyRequestQueue, RequestView, ScheduledSnapshot, hints_of
+
+logger = logging.getLogger(__name__)
+
+#: key of the scheduler's settings in ``VllmConfig.additional_config``
+SETTINGS_KEY = "mars"
+
+
+@dataclass(frozen=True, slots=True)
+class MarsFeatures:
+    """Which MARS overrides are active (each also needs the policy to ask for it)."""
+
+    policy_queue: bool = True  # waiting queue ordered by the policy
+    victim_order: bool = True  # preempt in MARS priority order (MLFQ policies)
+    chunk_quanta: bool = True  # cap prefill chunks by the MLFQ quantum under contention
+    shrink_chunks: bool = True  # halve chunks before preempting (if the policy shrinks)
+    retention: bool = True  # order freed blocks by the retention decision
+
+    @classmethod
+    def off(cls) -> MarsFeatures:
+        """Every override off: the scheduler decides exactly as vLLM's does."""
+        return cls(False, False, False, False, False)
+
+
+@dataclass(frozen=True, slots=True)
+class MarsSchedulerSettings:
+    """``additional_config["mars"]``: policy name, cost-model profile, features."""
+
+    policy: str = "mars"
+    gpu: str = "h100-80gb"
+    model: str = "llama-3.1-8b"
+    features: MarsFeatures = field(default_factory=MarsFeatures)
+
+    @classmethod
+    def from_mapping(cls, given: Mapping[str, Any]) -> MarsSchedulerSettings:
+        unknown = sorted(set(given) - {"policy", "gpu", "model", "features"})
+        if unknown:
+            raise ConfigError(
+                f"unknown {SETTINGS_KEY} keys {unknown}; accepted: policy, gpu, model, features"
+            )
+        features = given.get("features", {})
+        if isinstance(features, MarsFeatures):
+            features_obj = features
+        else:
+            names = {f.name for f in fields(MarsFeatures)}
+            bad = sorted(set(features) - names)
+            if bad:
+                raise ConfigError(
+                    f"unknown {SETTINGS_KEY}.features {bad}; accepted: {sorted(names)}"
+                )
+            features_obj = MarsFeatures(**{k: bool(v) for k, v in features.items()})
+        return cls(
+            policy=str(given.get("policy", "mars")),
+            gpu=str(given.get("gpu", "h100-80gb")),
+            model=str(given.get("model", "llama-3.1-8b")),
+            features=features_obj,
+        )
+
+
+def mlfq_victim_key(view: RequestView) -> tuple[int, bool, float]:
+    """MARS victim order of :class:`MlfqScheduler` (larger = preempted first).
+
+    Mirrors ``MlfqScheduler.choose_victim``'s documented key (level, fresh prefill,
+    arrival); ``tests/vllm/test_scheduler.py`` checks that they agree.
+    """
+    state: MlfqState = view.policy_state
+    return (state.level, view.is_prefilling and not state.resuming, view.arrival_s)
+
+
+class MarsScheduler(AsyncScheduler):
+    """vLLM's async scheduler with the MARS policy core choosing order and eviction."""
+
+    def __init__(self, *args: Any, clock: Clock | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        extra = self.vllm_config.additional_config
+        given = extra.get(SETTINGS_KEY, {}) if isinstance(extra, dict) else {}
+        self.settings = MarsSchedulerSettings.from_mapping(given)
+        self._clock: Clock = clock or WallClock()
+        spec = get_policy(self.settings.policy)
+        policy_config = PolicyConfig()
+        self.policy_core: SchedulerPolicy = spec.make_scheduler(policy_config)
+        self.retention_policy = spec.make_retention(policy_config)
+        self._tool_prior_s = policy_config.retention.tool_time_prior_s
+        self._cost = CostModel.from_names(self.settings.gpu, self.settings.model)
+        self._views: dict[str, RequestView] = {}
+        self._session_service_tokens: dict[str, int] = {}
+        self._init_features(spec.name)
+        self.num_shrunk_chunks = 0
+        self.retention_actions: Counter[RetentionAction] = Counter()
+
+    def _init_features(self, policy_name: str) -> None:
+        features, policy = self.settings.features, self.policy_core
+        is_mlfq = isinstance(policy, MlfqScheduler)
+        self._victim_order = (
+            features.victim_order and is_mlfq and policy_name != "mars-no-unified-eviction"
+        )
+        self._chunk_quanta = features.chunk_quanta and is_mlfq
+        single_group = len(self.kv_cache_config.kv_cache_groups) == 1
+        self._shrink_chunks = features.shrink_chunks and policy.shrink_chunks and single_group
+        self._retention = features.retention
+        if features.policy_queue:
+            if self.policy != SchedulingPolicy.FCFS:
+                raise ConfigError(
+                    "MarsScheduler orders the queue itself; "
+                    "leave vLLM's scheduling policy at 'fcfs'"
+                )
+            self.waiting = self._make_queue()
+            self.skipped_waiting = self._make_queue()
+
+    def _make_queue(self) -> PolicyRequestQueue:
+        return PolicyRequestQueue(self.policy_core.make_waiting_queue(), self._views, self._now_s)
+
+    def _now_s(self) -> float:
+        return self._clock.now_s()
+
+    # -- arrivals --------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.requests:  # not a streaming-input update
+            self._admit_view(request)
+        super().add_request(request)
+
+    def _admit_view(self, request: Request) -> None:
+        hints, hinted = hints_of(request)
+        served = self._session_service_tokens.get(hints.session_id, 0)
+        view = RequestView(request, hints, hinted, self.block_size, served)
+        self._views[request.request_id] = view
+        self.policy_core.on_added(view, self._now_s())
+
+    # -- one scheduling pass ---------------------------------------------------
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        for queue in (self.waiting, self.skipped_waiting):
+            if isinstance(queue, PolicyRequestQueue):
+                queue.refresh()
+        if self._victim_order and len(self.running) > 1:
+            self.running.sort(key=self._running_key)
+        output = super().schedule(throttle_prefills)
+        self._feed_back(output)
+        return output
+
+    def _running_key(self, request: Request) -> tuple[int, bool, float]:
+        view = self._views.get(request.request_id)
+        return mlfq_victim_key(view) if view is not None else (0, False, request.arrival_time)
+
+    def _feed_back(self, output: SchedulerOutput) -> None:
+        now_s = self._now_s()
+        for req_id, num_tokens in output.num_scheduled_tokens.items():
+            view = self._views.get(req_id)
+            if view is None:
+                continue
+            self.policy_core.on_scheduled(
+                ScheduledSnapshot.before_step(view, num_tokens), num_tokens, now_s
+            )
+            session = view.session_id
+            self._session_service_tokens[session] = (
+                self._session_service_tokens.get(session, 0) + num_tokens
+            )
+
+    def _reserve_prefill_lookahead(
+        self, request: Request, num_computed_tokens: int, num_new_tokens: int
+    ) -> int:
+        """vLLM's last trim of a chunk before ``allocate_slots``: quanta, then shrinking."""
+        num_new_tokens = super()._reserve_prefill_lookahead(
+            request, num_computed_tokens, num_new_tokens
+        )
+        if num_new_tokens <= 1:
+            return num_new_tokens
+        view = self._views.get(request.request_id)
+        if view is not None and self._chunk_quanta and self._has_contention():
+            quantum = self.policy_core.chunk_quantum_tokens(view)
+            if quantum is not None:
+                num_new_tokens = min(num_new_tokens, quantum)
+        if self._shrink_chunks and request.status == RequestStatus.RUNNING:
+            num_new_tokens = self._shrink_to_fit(request, num_computed_tokens, num_new_tokens)
+        return num_new_tokens
+
+    def _has_contention(self) -> bool:
+        """Quanta only bind while others compete: a request alone is never slowed."""
+        return len(self.running) + len(self.waiting) + len(self.skipped_waiting) > 1
+
+    def _shrink_to_fit(self, request: Request, num_computed_tokens: int, num_tokens: int) -> int:
+        """Halve a running prefill's chunk (down to one block) until its KV fits.
+
+        Returns the first size that fits, or the one-block size when none does
+        (vLLM then preempts, as few victims as that smallest chunk needs).
+        """
+        manager = self.kv_cache_manager
+        num_held = len(manager.get_block_ids(request.request_id)[0])
+        num_free = manager.block_pool.get_num_free_blocks()
+        extra = self.num_lookahead_tokens
+
+        def fits(n: int) -> bool:
+            return -(-(num_computed_tokens + n + extra) // self.block_size) - num_held <= num_free
+
+        if fits(num_tokens):
+            return num_tokens
+        original = num_tokens
+        while num_tokens > self.block_size:
+            num_tokens = max(self.block_size, num_tokens // 2)
+            if fits(num_tokens):
+                break
+        if num_tokens < original:
+            self.num_shrunk_chunks += 1
+        return num_tokens
+
+    def _preempt_request(
+        self, request: Request, timestamp: float, drop_stale_output: bool = False
+    ) -> None:
+        view = self._views.get(request.request_id)
+        if view is not None:  # before vLLM re-queues it, so it ranks at its new level
+            self.policy_core.on_preempted(view, self._now_s())
+        super()._preempt_request(request, timestamp, drop_stale_output=drop_stale_output)
+
+    # -- turn end: retention ---------------------------------------------------
+    def _free_request(
+        self, request: Request, delay_free_blocks: bool = False
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        result = super()._free_request(request, delay_free_blocks=delay_free_blocks)
+        view = self._views.pop(request.request_id, None)
+        if view is not None and view.hints.last_turn:
+            self._session_service_tokens.pop(view.session_id, None)
+        return result
+
+    def _free_request_blocks(self, request: Request) -> None:
+        if request.is_finished() and not self.defer_block_free:
+            action = self.retention_action(request)
+            self.retention_actions[action] += 1
+            if action is RetentionAction.EVICT_FIRST:
+                self._free_evict_first(request)
+                return
+        super()._free_request_blocks(request)
+
+    def retention_action(self, request: Request) -> RetentionAction:
+        """Where a finished turn's blocks go: ``KEEP_LRU`` or ``EVICT_FIRST``."""
+        view = self._views.get(request.request_id)
+        if view is None or not self._retention or not view.hinted:
+            return RetentionAction.KEEP_LRU  # a plain request: vLLM's LRU prefix cache
+        if view.hints.last_turn:
+            return RetentionAction.EVICT_FIRST  # the session will not come back
+        decision = self.retention_policy.on_turn_end(self._turn_end_context(view))
+        if decision.action is RetentionAction.OFFLOAD:
+            return RetentionAction.EVICT_FIRST
+        if decision.action is RetentionAction.PIN:
+            return RetentionAction.KEEP_LRU
+        return decision.action
+
+    def _turn_end_context(self, view: RequestView) -> TurnEndContext:
+        pool = self.kv_cache_manager.block_pool
+        num_total = pool.num_gpu_blocks - 1  # the null block is never handed out
+        context_tokens = view.request.num_tokens
+        return TurnEndContext(
+            session_id=view.session_id,
+            num_blocks=view.num_blocks,
+            context_tokens=context_tokens,
+            predicted_tool_s=view.hints.expected_tool_s or self._tool_prior_s,
+            recompute_s=self._cost.prefill_time_s(context_tokens),
+            reload_s=self._cost.swap_time_s(context_tokens),
+            num_total_blocks=num_total,
+            num_used_blocks=num_total - pool.get_num_free_blocks(),
+            can_offload=False,
+        )
+
+    def _free_evict_first(self, request: Request) -> None:
+        """Free the request's blocks to the head of the free queue (reused first)."""
+        pool = self.kv_cache_manager.block_pool
+        tail_first = self.kv_cache_manager.pop_blocks_for_free(request)[::-1]
+        pool.free_blocks(tail_first)
+        # free_blocks appended the cached ones to the LRU end; move them to the head.
+        freed = [b for b in tail_first if _now_free_and_cached(b)]
+        for block in freed:
+            pool.free_block_queue.remove(block)
+        pool.free_block_queue.prepend_n(freed)
+
+    # -- introspection (tests, stats) -----------------------------------------
+    def view_of(self, request_id: str) -> RequestView:
+        """The policy's view of a live request."""
+        return self._views[request_id]
+
+    @property
+    def num_live_views(self) -> int:
+        """Requests the policy tracks (every unfinished request; 0 when idle)."""
+        return len(self._views)
+
+    @property
+    def num_session_entries(self) -> int:
+        """Sessions with recorded service (dropped at their last turn)."""
+        return len(self._session_service_tokens)
+
+
+def _now_free_and_cached(block: KVCacheBlock) -> bool:
+    return block.ref_cnt == 0 and not block.is_null and block.block_hash is not None

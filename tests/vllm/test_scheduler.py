@@ -1,0 +1,169 @@
+"""MarsScheduler driven through vLLM's own schedule() / update_from_output() on CPU."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from factories import (
+    assert_no_leak,
+    make_request,
+    make_scheduler,
+    num_free_blocks,
+    run_to_completion,
+    step,
+)
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+from mars_ray.policies.mlfq import MlfqState
+from mars_ray.vllm.adapter import RequestView
+from mars_ray.vllm.hints import SessionHints
+from mars_ray.vllm.scheduler import MarsFeatures, MarsScheduler, mlfq_victim_key
+
+
+def _hints(session: str, turn: int = 0, tool_s: float = 1.0, last: bool = False) -> SessionHints:
+    return SessionHints(session, turn_index=turn, last_turn=last, expected_tool_s=tool_s)
+
+
+def test_waiting_queue_follows_mlfq_order(tiny_model_dir: Path) -> None:
+    """Continuations first, then short first turns, then long prefills (level 1)."""
+    sched = make_scheduler(
+        MarsScheduler, tiny_model_dir, num_blocks=256, max_num_seqs=1, max_model_len=4096
+    )
+    sched.add_request(make_request("long", 2100, arrival_s=0.0, hints=_hints("s1")))
+    sched.add_request(make_request("short", 100, arrival_s=1.0, hints=_hints("s2")))
+    sched.add_request(make_request("cont", 100, arrival_s=2.0, hints=_hints("s3", turn=1)))
+    assert [r.request_id for r in sched.waiting] == ["cont", "short", "long"]
+    assert [new.req_id for new in step(sched).scheduled_new_reqs] == ["cont"]
+    stock = make_scheduler(
+        AsyncScheduler, tiny_model_dir, num_blocks=256, max_num_seqs=1, max_model_len=4096
+    )
+    for rid, n in (("long", 2100), ("short", 100), ("cont", 100)):
+        stock.add_request(make_request(rid, n))
+    assert [new.req_id for new in step(stock).scheduled_new_reqs] == ["long"]
+
+
+def _pressure_mix(sched: AsyncScheduler) -> None:
+    """A long prefill (219 blocks) starts alone; then a decoder (13 blocks and
+    growing) joins: together they overflow the 229 usable blocks."""
+    sched.add_request(make_request("L", 3500, 2, arrival_s=0.0, hints=_hints("sL")))
+    step(sched)
+    sched.add_request(make_request("D", 200, 300, arrival_s=1.0, hints=_hints("sD")))
+
+
+def _first_victim(sched: AsyncScheduler) -> str:
+    for _ in range(400):
+        so = step(sched)
+        if so.preempted_req_ids:
+            return sorted(so.preempted_req_ids)[0]
+    raise AssertionError("no preemption happened")
+
+
+def test_victim_is_the_lowest_mars_priority(tiny_model_dir: Path) -> None:
+    """Stock vLLM preempts the last-admitted request (the decoder); MARS the prefill."""
+    kwargs = dict(num_blocks=230, max_model_len=4096, long_prefill_token_threshold=128)
+    mars = make_scheduler(
+        MarsScheduler, tiny_model_dir, features=MarsFeatures(shrink_chunks=False), **kwargs
+    )
+    stock = make_scheduler(AsyncScheduler, tiny_model_dir, **kwargs)
+    _pressure_mix(mars)
+    _pressure_mix(stock)
+    assert _first_victim(mars) == "L"
+    assert _first_victim(stock) != "L"
+
+
+def test_sort_key_agrees_with_the_policys_choose_victim(tiny_model_dir: Path) -> None:
+    sched = make_scheduler(MarsScheduler, tiny_model_dir)
+    rng = random.Random(7)
+    for trial in range(200):
+        views = []
+        for i in range(rng.randint(1, 8)):
+            request = make_request(
+                f"r{trial}-{i}", rng.randint(2, 64), arrival_s=float(rng.randint(0, 5))
+            )
+            request.num_computed_tokens = rng.randint(0, request.num_tokens)
+            view = RequestView(request, _hints("s"), True, 16, 0)
+            view.policy_state = MlfqState(level=rng.randint(0, 3), resuming=rng.random() < 0.3)
+            views.append(view)
+        expected = sched.policy_core.choose_victim(views, 0.0)
+        assert mlfq_victim_key(max(views, key=mlfq_victim_key)) == mlfq_victim_key(expected)
+
+
+def test_chunks_shrink_before_anyone_is_preempted(tiny_model_dir: Path) -> None:
+    kwargs = dict(num_blocks=230, max_model_len=4096, long_prefill_token_threshold=128)
+    shrinking = make_scheduler(MarsScheduler, tiny_model_dir, **kwargs)
+    plain = make_scheduler(
+        MarsScheduler, tiny_model_dir, features=MarsFeatures(shrink_chunks=False), **kwargs
+    )
+    _pressure_mix(shrinking)
+    _pressure_mix(plain)
+    shrunk_steps = 0
+    for so in run_to_completion(shrinking):
+        n = so.num_scheduled_tokens.get("L", 0)
+        if 0 < n < 128 and not so.preempted_req_ids and n % 16 == 0:
+            shrunk_steps += 1
+    assert shrinking.num_shrunk_chunks > 0 and shrunk_steps > 0
+    num_preempted = sum(len(so.preempted_req_ids or ()) for so in run_to_completion(plain))
+    assert num_preempted > 0
+    assert_no_leak(shrinking)
+    assert_no_leak(plain)
+
+
+def _run_tool_pause(sched: AsyncScheduler) -> tuple[int, int]:
+    """Two sessions end turn 0 (A first, back soon; B later, gone for long); a third
+    request needs most of the KV. How much of each session's context is still
+    cached for its turn 1 (prefix-hit tokens)? Plain LRU evicts A, the older."""
+    a0 = make_request("a0", 160, 1, hints=_hints("A", tool_s=0.001))  # ends first
+    b0 = make_request("b0", 160, 3, hints=_hints("B", tool_s=1e6))
+    sched.add_request(a0)
+    sched.add_request(b0)
+    run_to_completion(sched)
+    sched.add_request(make_request("c0", 400, 2, hints=_hints("C", last=True)))
+    step(sched)
+    step(sched)  # C's prompt, 25 blocks, is now fully allocated
+    hits = []
+    for prev in (a0, b0):
+        nxt = make_request(
+            prev.request_id[0] + "1",
+            0,
+            1,
+            prompt=list(prev.all_token_ids) + list(range(5000, 5020)),
+        )
+        num_hit_tokens = sched.kv_cache_manager.get_computed_blocks(nxt)[1]
+        hits.append(num_hit_tokens)
+    run_to_completion(sched)
+    assert_no_leak(sched)
+    return hits[0], hits[1]
+
+
+def test_free_queue_order_keeps_the_session_that_returns_soon(tiny_model_dir: Path) -> None:
+    mars = make_scheduler(MarsScheduler, tiny_model_dir, num_blocks=40)
+    hit_a, hit_b = _run_tool_pause(mars)
+    assert (hit_a, hit_b) == (160, 0)
+    stock = make_scheduler(AsyncScheduler, tiny_model_dir, num_blocks=40)
+    stock_hit_a, _ = _run_tool_pause(stock)
+    assert stock_hit_a < 160  # plain LRU evicted part of A, which comes back first
+
+
+def test_no_block_or_state_leaks_after_random_sessions(tiny_model_dir: Path) -> None:
+    rng = random.Random(3)
+    sched = make_scheduler(MarsScheduler, tiny_model_dir, num_blocks=48, max_model_len=512)
+    assert isinstance(sched, MarsScheduler)
+    pending = []
+    for s in range(6):
+        num_turns = rng.randint(1, 3)
+        for t in range(num_turns):
+            hints = _hints(f"s{s}", t, rng.choice([0.001, 0.5, 1e5]), last=t == num_turns - 1)
+            pending.append(
+                make_request(f"s{s}t{t}", rng.randint(10, 200), rng.randint(1, 30), hints=hints)
+            )
+    pending.append(make_request("bad", 30, 3, extra_args={"mars": {"session_id": 3}}))
+    pending.append(make_request("plain", 30, 3))
+    rng.shuffle(pending)
+    while pending or sched.has_requests():
+        if pending and rng.random() < 0.5:
+            sched.add_request(pending.pop())
+        step(sched)
+        assert num_free_blocks(sched) <= sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
+    assert_no_leak(sched)
+    assert sched.num_live_views == 0 and sched.num_session_entries == 0
