@@ -61,7 +61,7 @@ def make_request(
 
 
 def mlfq(**config: object) -> MlfqScheduler:
-    return MlfqScheduler(MlfqConfig(**config))  # type: ignore[arg-type]
+    return MlfqScheduler(MlfqConfig(**config))
 
 
 def added(policy: MlfqScheduler, request: EngineRequest, now_s: float = 0.0) -> EngineRequest:
@@ -83,7 +83,7 @@ def signals(
 
 
 def aimd(num_gpus: int = 1, **config: object) -> AimdAdmission:
-    return AimdAdmission(AdmissionConfig(**config), num_gpus)  # type: ignore[arg-type]
+    return AimdAdmission(AdmissionConfig(**config), num_gpus)
 
 
 def turn_end(
@@ -130,7 +130,7 @@ def ticket(session_id: str, arrival_s: float, work: int = 1000) -> SessionTicket
 def cluster_scheduler(
     policy: str = "mars", num_engines: int = 1, seed: int = 0, **admission: object
 ) -> ClusterScheduler:
-    config = PolicyConfig(admission=AdmissionConfig(**admission))  # type: ignore[arg-type]
+    config = PolicyConfig(admission=AdmissionConfig(**admission))
     return ClusterScheduler(get_policy(policy), config, num_engines, random.Random(seed))
 
 
@@ -573,12 +573,16 @@ def test_benefit_retention_keeps_kv_when_holding_is_cheaper_than_recompute() -> 
 
 def test_benefit_retention_long_waits_evict_or_offload() -> None:
     policy = BenefitRetention()
-    long_wait = {"predicted_tool_s": 10.0}  # hold cost 1.0 > 0.5
-    decision = policy.on_turn_end(turn_end(**long_wait))
+    long_wait_s = 10.0  # hold cost 1.0 > 0.5
+    decision = policy.on_turn_end(turn_end(predicted_tool_s=long_wait_s))
     assert decision.action is RetentionAction.EVICT_FIRST
-    decision = policy.on_turn_end(turn_end(can_offload=True, reload_s=0.1, **long_wait))
+    decision = policy.on_turn_end(
+        turn_end(predicted_tool_s=long_wait_s, can_offload=True, reload_s=0.1)
+    )
     assert decision.action is RetentionAction.OFFLOAD
-    decision = policy.on_turn_end(turn_end(can_offload=True, reload_s=0.5, **long_wait))
+    decision = policy.on_turn_end(
+        turn_end(predicted_tool_s=long_wait_s, can_offload=True, reload_s=0.5)
+    )
     assert decision.action is RetentionAction.EVICT_FIRST  # reload not cheaper
 
 

@@ -409,6 +409,8 @@ class SimEngine:
         self._pending_reload_s = 0.0
         if (
             num_tokens == num_seqs
+            # a 1-token prefill chunk is not a decode step: it samples nothing
+            and all(r.num_tokens - r.num_computed_tokens == 1 for r in sched)
             and plan.extra_s == 0.0
             and (waiting_blocked or len(self.waiting) == 0)
         ):

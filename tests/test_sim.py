@@ -1,0 +1,337 @@
+"""The cluster simulator end to end: a lone session meets its ideal time under every
+policy, runs are deterministic, a saturated run keeps every invariant, the tool pool
+shares its cores, and impossible sessions are refused up front."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from mars_ray.config import ClusterConfig, EngineConfig
+from mars_ray.errors import InfeasibleError
+from mars_ray.policies import POLICIES, PolicyConfig, PolicySpec, get_policy
+from mars_ray.policies.baselines import FcfsScheduler
+from mars_ray.policies.retention import LruRetention
+from mars_ray.results import RunResult
+from mars_ray.session import SessionSpec, Turn
+from mars_ray.sim.simulator import ClusterSim, simulate
+from mars_ray.sim.tool_pool import ToolCall, ToolPool
+from mars_ray.workloads import WORKLOADS, assign_arrivals, poisson_arrivals
+
+# --------------------------------------------------------------------------- factories
+
+LONE_SESSIONS = [
+    SessionSpec(
+        "three-turns",
+        0.5,
+        (Turn(3000, 200, 0.3, 0.2, "grep"), Turn(500, 100, 1.0, 0.5, "shell"), Turn(200, 300)),
+    ),
+    SessionSpec(  # the first prompt exceeds the 8192-token step budget
+        "big-first-prompt",
+        1.0,
+        (Turn(20000, 50, 0.1, 0.1, "read_file"), Turn(100, 400, 2.0, 0.0, "edit"), Turn(50, 20)),
+    ),
+    SessionSpec(  # CPU-heavy tools (test runs)
+        "cpu-heavy-tool",
+        0.0,
+        (
+            Turn(1000, 100, 30.0, 0.0, "run_tests"),
+            Turn(300, 100, 5.0, 1.0, "run_tests"),
+            Turn(10, 10),
+        ),
+    ),
+    SessionSpec("one-turn", 2.0, (Turn(700, 64),)),
+]
+
+CLUSTERS = {
+    "1gpu": ClusterConfig(),
+    "4gpu-2nodes": ClusterConfig(num_gpus=4, num_nodes=2),
+}
+
+SATURATION_POLICIES = ["mars", "fcfs", "continuum", "infercept", "autellix", "mars-local"]
+SATURATION_ENGINE = EngineConfig(num_gpu_blocks_override=1100)  # 17600 tokens per GPU
+SATURATION_CLUSTER = ClusterConfig(num_gpus=2)
+
+
+def swe_sessions(
+    seed: int = 7, num_sessions: int = 20, rate_per_s: float = 50.0
+) -> list[SessionSpec]:
+    """``swe`` sessions (contexts up to 16k tokens) arriving far faster than they finish."""
+    rng = np.random.default_rng(seed)
+    sessions = WORKLOADS.get("swe")(num_sessions, rng, 16384)
+    return assign_arrivals(sessions, poisson_arrivals(num_sessions, rate_per_s, rng))
+
+
+def saturated_run(policy: str, seed: int = 7, sim_seed: int = 0) -> RunResult:
+    return simulate(
+        swe_sessions(seed),
+        policy,
+        cluster=SATURATION_CLUSTER,
+        engine=SATURATION_ENGINE,
+        seed=sim_seed,
+        check_invariants=True,
+    )
+
+
+def jcts(result: RunResult) -> list[float | None]:
+    return [s.jct_s for s in result.sessions]
+
+
+def engines_used(result: RunResult) -> list[int]:
+    return [r.engine_id for r in sorted(result.requests, key=lambda r: r.turn_index)]
+
+
+def assert_requests_match_specs(result: RunResult, sessions: Sequence[SessionSpec]) -> None:
+    """One record per turn, with the prompt and output the workload asked for."""
+    specs = {s.session_id: s for s in sessions}
+    assert len(result.requests) == sum(s.num_turns for s in sessions)
+    seen = set()
+    for record in result.requests:
+        spec = specs[record.session_id]
+        seen.add((record.session_id, record.turn_index))
+        assert record.prompt_tokens == spec.prompt_tokens(record.turn_index)
+        assert record.output_tokens == spec.turns[record.turn_index].output_tokens
+        assert record.submit_s <= record.first_token_s <= record.finish_s
+    assert len(seen) == len(result.requests)
+
+
+# --------------------------------------------------------------------------- lone sessions
+
+
+@pytest.mark.parametrize("session", LONE_SESSIONS, ids=lambda s: s.session_id)
+@pytest.mark.parametrize("cluster", CLUSTERS.values(), ids=list(CLUSTERS))
+@pytest.mark.parametrize("policy", POLICIES.names())
+def test_lone_session_finishes_in_its_ideal_time(
+    policy: str, cluster: ClusterConfig, session: SessionSpec
+) -> None:
+    result = simulate([session], policy, cluster=cluster, check_invariants=True)
+    (record,) = result.sessions
+    assert record.completed and record.admitted_s == session.arrival_s
+    assert record.tool_s == pytest.approx(session.total_tool_s, 1e-9)
+    assert_requests_match_specs(result, [session])
+    assert record.slowdown is not None and record.slowdown >= 1 - 1e-9
+    used = engines_used(result)
+    if get_policy(policy).placement == "power-of-two" and len(set(used)) > 1:
+        # Documented: the power-of-two router has no session affinity, so a
+        # continuation on another GPU re-prefills context that was computed before.
+        for prev, turn in zip(result.requests, result.requests[1:], strict=False):
+            if turn.engine_id != prev.engine_id:
+                assert turn.recomputed_tokens >= 16
+        return
+    assert record.slowdown == pytest.approx(1.0, abs=1e-6)
+    for turn in result.requests[1:]:
+        # Every continuation resumes warm: only the last, partial block is recomputed.
+        assert turn.cached_tokens > 0 and turn.recomputed_tokens < 16
+
+
+def test_power_of_two_router_moves_a_lone_session_between_gpus() -> None:
+    """Why mars-local can miss the ideal time on several GPUs (see the test above)."""
+    session = LONE_SESSIONS[0]
+    result = simulate([session], "mars-local", cluster=CLUSTERS["4gpu-2nodes"], seed=0)
+    assert len(set(engines_used(result))) > 1
+    assert result.sessions[0].slowdown is not None and result.sessions[0].slowdown > 1.001
+    kv_affine = simulate([session], "mars", cluster=CLUSTERS["4gpu-2nodes"], seed=0)
+    assert len(set(engines_used(kv_affine))) == 1
+
+
+def test_a_policy_given_by_import_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = PolicySpec("my-fcfs", "out of tree", lambda c: FcfsScheduler(), lambda c: LruRetention())
+    module = types.ModuleType("my_sim_policies")
+    module.SPEC = spec  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "my_sim_policies", module)
+    result = simulate(LONE_SESSIONS[:1], "my_sim_policies:SPEC", check_invariants=True)
+    assert result.policy == "my-fcfs"
+    assert result.sessions[0].slowdown == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_identical_runs() -> None:
+    first, second = saturated_run("mars"), saturated_run("mars")
+    assert jcts(first) == jcts(second)
+    assert first.counters == second.counters
+    assert [(r.session_id, r.turn_index, r.finish_s) for r in first.requests] == [
+        (r.session_id, r.turn_index, r.finish_s) for r in second.requests
+    ]
+
+
+def test_different_workload_seed_gives_a_different_run() -> None:
+    assert jcts(saturated_run("fcfs", seed=7)) != jcts(saturated_run("fcfs", seed=8))
+
+
+def test_router_seed_is_the_only_randomness_of_mars_local() -> None:
+    base = saturated_run("mars-local", sim_seed=0)
+    assert jcts(saturated_run("mars-local", sim_seed=0)) == jcts(base)
+    others = [engines_used(saturated_run("mars-local", sim_seed=s)) for s in (1, 2)]
+    assert any(used != engines_used(base) for used in others)
+
+
+# --------------------------------------------------------------------------- saturation
+
+
+@pytest.mark.parametrize("policy", SATURATION_POLICIES)
+def test_saturated_run_completes_with_invariants_checked(policy: str) -> None:
+    sessions = swe_sessions()
+    result = simulate(
+        sessions,
+        policy,
+        cluster=SATURATION_CLUSTER,
+        engine=SATURATION_ENGINE,
+        check_invariants=True,  # blocks after every engine step, slots every tick
+    )
+    assert len(result.sessions) == 20
+    assert all(s.completed for s in result.sessions)
+    for record in result.sessions:
+        assert record.slowdown is not None and record.slowdown >= 1 - 1e-9  # never beats ideal
+        assert record.admitted_s is not None and record.admitted_s >= record.arrival_s
+        assert record.tool_s >= record.tool_ideal_s - 1e-9
+    assert_requests_match_specs(result, sessions)
+    counters = result.counters
+    assert sum(r.num_preemptions for r in result.requests) == counters.num_preemptions
+    assert counters.num_evicted_blocks > 0  # the KV cache really was short
+    assert 0.0 < counters.gpu_busy_frac <= 1.0
+    assert {r.engine_id for r in result.requests} == {0, 1}
+    if policy == "fcfs":
+        assert counters.num_preemptions > 0
+        assert counters.num_recomputed_tokens > 0
+    windows = [w for w in result.timeseries.columns["admission_window"] if not math.isnan(w)]
+    if get_policy(policy).aimd_admission:
+        assert min(windows) < 60  # the AIMD window reacted to KV pressure
+    else:
+        assert windows == []
+
+
+# --------------------------------------------------------------------------- tool pool
+
+
+def run_pool(pool: ToolPool, calls: Sequence[tuple[float, ToolCall]]) -> dict[int, float]:
+    """Start each call at its time, advance the pool event by event; call id -> finish."""
+    pending = sorted(calls, key=lambda c: c[0])
+    done: dict[int, float] = {}
+    while pending or pool.num_in_flight:
+        next_s = pool.next_event_s()
+        if pending and (next_s is None or pending[0][0] <= next_s):
+            start_s, call = pending.pop(0)
+            pool.start(call, start_s)
+            continue
+        assert next_s is not None
+        for call in pool.advance(next_s):
+            done[call.call_id] = next_s
+    return done
+
+
+def cpu_call(call_id: int, cpu_s: float, wait_s: float = 0.0, start_s: float = 0.0) -> ToolCall:
+    return ToolCall(call_id, f"s{call_id}", cpu_s, wait_s, start_s)
+
+
+@pytest.mark.parametrize(("num_tools", "num_cores"), [(6, 4), (8, 2), (5, 1), (16, 16)])
+def test_cpu_bound_tools_stretch_by_tools_over_cores(num_tools: int, num_cores: int) -> None:
+    pool = ToolPool(0, num_cores)
+    done = run_pool(pool, [(0.0, cpu_call(i, 2.0)) for i in range(num_tools)])
+    stretch = max(1.0, num_tools / num_cores)
+    assert sorted(done) == list(range(num_tools))
+    for finish_s in done.values():
+        assert finish_s == pytest.approx(2.0 * stretch)
+    assert pool.busy_core_s == pytest.approx(2.0 * num_tools)  # work is conserved
+    assert pool.num_completed == num_tools
+    assert pool.total_delay_s == pytest.approx(num_tools * 2.0 * (stretch - 1))
+
+
+def test_fewer_tools_than_cores_run_at_full_speed() -> None:
+    pool = ToolPool(0, 4, wait_ema_alpha=0.2)
+    done = run_pool(pool, [(0.0, cpu_call(i, 1.0 + i)) for i in range(3)])
+    assert done == pytest.approx({0: 1.0, 1: 2.0, 2: 3.0})
+    assert pool.wait_ema_s == 0.0 and pool.total_delay_s == 0.0
+
+
+def test_waiting_phase_uses_no_cpu() -> None:
+    pool = ToolPool(0, 1)
+    done = run_pool(pool, [(0.0, cpu_call(i, 0.0, wait_s=1.0)) for i in range(8)])
+    assert list(done.values()) == pytest.approx([1.0] * 8)
+    assert pool.busy_core_s == 0.0
+
+
+def test_processor_sharing_with_staggered_calls_and_wait_ema() -> None:
+    pool = ToolPool(0, 1, wait_ema_alpha=0.2)
+    a = cpu_call(0, 1.0)
+    b = cpu_call(1, 1.0, wait_s=0.5)  # its CPU phase starts at 0.5
+    c = cpu_call(2, 0.5, start_s=3.0)  # alone later
+    done = run_pool(pool, [(0.0, a), (0.0, b), (3.0, c)])
+    # 0-0.5: a alone; 0.5-1.5: a and b share (a ends); 1.5-2.0: b alone.
+    assert done == pytest.approx({0: 1.5, 1: 2.0, 2: 3.5})
+    assert pool.total_delay_s == pytest.approx(0.5 + 0.5 + 0.0)
+    assert pool.wait_ema_s == pytest.approx(0.8 * (0.2 * 0.5 + 0.8 * 0.2 * 0.5))
+    assert pool.busy_core_s == pytest.approx(2.5)
+
+
+def test_tools_in_flight_are_counted_until_they_finish() -> None:
+    pool = ToolPool(0, 2)
+    for i in range(3):
+        pool.start(cpu_call(i, 1.0, wait_s=0.5), 0.0)
+    assert pool.num_in_flight == 3
+    assert pool.next_event_s() == 0.5
+    assert pool.advance(0.5) == []
+    assert pool.num_in_flight == 3
+    assert pool.next_event_s() == pytest.approx(0.5 + 1.5)
+    assert len(pool.advance(2.0)) == 3 and pool.num_in_flight == 0
+    assert pool.next_event_s() is None
+
+
+def test_cpu_heavy_tools_contend_in_the_simulator() -> None:
+    """Four sessions whose 10 s CPU-bound tools share 2 cores take twice as long there."""
+    sessions = [
+        SessionSpec(f"s{i}", 0.0, (Turn(100, 10, 10.0, 0.0, "run_tests"), Turn(10, 10)))
+        for i in range(4)
+    ]
+    result = simulate(sessions, "fcfs", cluster=ClusterConfig(cpu_cores_per_gpu=2))
+    for record in result.sessions:
+        assert record.tool_ideal_s == 10.0
+        assert record.tool_s == pytest.approx(20.0, rel=0.01)
+    assert result.counters.mean_tool_queue_wait_s == pytest.approx(10.0, rel=0.01)
+
+
+# --------------------------------------------------------------------------- infeasible
+
+
+def test_session_whose_context_cannot_fit_any_gpu_is_refused() -> None:
+    session = SessionSpec("huge-ctx", 0.0, (Turn(800, 100, 0.1), Turn(200, 50)))  # 1150 tokens
+    with pytest.raises(InfeasibleError, match="session huge-ctx needs 1150 tokens"):
+        simulate(
+            [SessionSpec("small", 0.0, (Turn(100, 10),)), session],
+            "mars",
+            cluster=ClusterConfig(num_gpus=2),
+            engine=EngineConfig(num_gpu_blocks_override=64),  # 1024 tokens per GPU
+        )
+    fits = SessionSpec("fits", 0.0, (Turn(800, 100, 0.1), Turn(50, 50)))  # 1000 tokens
+    result = simulate([fits], "mars", engine=EngineConfig(num_gpu_blocks_override=64))
+    assert result.sessions[0].completed
+
+
+# --------------------------------------------------------------------------- known bugs
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: SimEngine keeps counting a session's retained KV (kv_demand) after its "
+    "continuation ran on another engine; nothing tells the old engine to forget it",
+)
+def test_no_engine_reports_retained_kv_after_every_session_finished() -> None:
+    session = LONE_SESSIONS[0]
+    for seed in range(3):
+        sim = ClusterSim(
+            [session],
+            "mars-local",
+            cluster=CLUSTERS["4gpu-2nodes"],
+            engine=EngineConfig(),
+            policy_config=PolicyConfig(),
+            seed=seed,
+        )
+        result = sim.run()
+        assert result.sessions[0].completed
+        assert [engine.kv_demand for engine in sim.engines] == [0.0] * 4
