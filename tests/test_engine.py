@@ -584,16 +584,20 @@ def test_returning_session_takes_its_pinned_kv() -> None:
 
 
 def test_offload_then_reload_from_the_cpu_tier() -> None:
-    engine = make_engine(num_blocks=20, cpu_offload_gb=1.0)
+    engine = make_engine(num_blocks=30, cpu_offload_gb=1.0)
     first = finish_alone(engine, "s", 160, 0.0)
     ctx = engine.turn_end_context(first, predicted_tool_s=30.0)
     assert ctx.can_offload and ctx.num_blocks == 10 and ctx.context_tokens == 160
     assert ctx.reload_s == pytest.approx(cost_model().swap_time_s(160))
     engine.release(first, OFFLOAD, 1.0)
     assert engine.stats.num_offloaded_blocks == 10
-    engine.add_request(make_request("o", 319, 1), 2.0)  # takes every GPU block
+    assert engine.kv_demand == 0.0  # offloaded KV is not kept on the GPU
+    # The GPU copy went to the evict-first end: 10 new blocks overwrite it, not the
+    # 20 never-used ones.
+    engine.add_request(make_request("o", 160, 1), 2.0)
     step(engine, 2.0)
     assert engine.pool.num_cached_prefix_blocks("s", 10) == 0
+    assert engine.pool.num_evicted_blocks == 10
     back = make_request("s", 200, 1, turn=1, arrival_s=3.0, prior=160)
     engine.add_request(back, 3.0)
     plan, _ = step(engine, 3.0)
@@ -670,6 +674,34 @@ def test_cutting_a_decode_run_at_every_step_keeps_the_timeline() -> None:
     assert now_s == pytest.approx(expected, 1e-9)
     assert (request.num_output_tokens, request.num_computed_tokens) == (300, 1299)
     assert_all_free(engine)
+
+
+def test_batched_decode_run_matches_step_by_step_timing() -> None:
+    """A run of k decode steps over several requests ends exactly when k single
+    steps would (each step reads every request's growing context)."""
+    finish: list[dict[str, float]] = []
+    for cut_every_step in (False, True):
+        engine = make_engine()
+        for i, (prompt, output) in enumerate([(500, 90), (1500, 40), (64, 130)]):
+            engine.add_request(make_request(f"s{i}", prompt, output), 0.0)
+        now_s, done, max_steps = 0.0, {}, 1
+        while engine.has_work:
+            plan = engine.plan_step(now_s)
+            assert plan is not None
+            if cut_every_step:
+                engine.interrupt(plan.start_s)
+            max_steps = max(max_steps, plan.num_steps)
+            now_s = plan.end_s
+            for request in engine.complete_step(now_s):
+                done[request.request_id] = now_s
+                engine.release(request, KEEP, now_s)
+            engine.check_invariants()
+        assert (max_steps > 1) is not cut_every_step
+        finish.append(done)
+    runs, steps = finish
+    assert runs.keys() == steps.keys() == {"s0#0", "s1#0", "s2#0"}
+    for request_id, finish_s in runs.items():
+        assert finish_s == pytest.approx(steps[request_id], 1e-9)
 
 
 def test_a_single_step_plan_cannot_be_interrupted() -> None:

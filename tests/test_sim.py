@@ -149,6 +149,19 @@ def test_a_policy_given_by_import_path_runs(monkeypatch: pytest.MonkeyPatch) -> 
     assert result.sessions[0].slowdown == pytest.approx(1.0, abs=1e-6)
 
 
+def test_an_arrival_cuts_a_running_decode_run() -> None:
+    """A request arriving while another decodes a long run starts at the next step."""
+    long_decode = SessionSpec("long", 0.0, (Turn(100, 2000),))
+    newcomer = SessionSpec("new", 1.0, (Turn(100, 10),))
+    result = simulate([long_decode, newcomer], "fcfs", check_invariants=True)
+    turn, long_turn = sorted(result.requests, key=lambda r: r.session_id != "new")
+    assert turn.session_id == "new" and long_turn.session_id == "long"
+    step_s = long_turn.tpot_s
+    assert step_s is not None
+    # Without the cut it would wait for the run to end (up to 256 steps).
+    assert turn.ttft_s < 4 * step_s
+
+
 # --------------------------------------------------------------------------- determinism
 
 
