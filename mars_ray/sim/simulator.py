@@ -203,7 +203,7 @@ class ClusterSim:
         now_s, sid = self.now_s, request.session_id
         self._requests.append(_request_record(engine.engine_id, request, now_s))
         run = self.sessions[sid]
-        run.context_tokens = request.num_tokens - 1 + 1  # prompt + all outputs
+        run.context_tokens = request.num_tokens  # prompt + all outputs
         run.computed_tokens = request.num_computed_tokens
         self.scheduler.on_turn_finished(sid, request.service_tokens, request.service_s)
         ctx = engine.turn_end_context(request, self.scheduler.predicted_tool_s(sid))
