@@ -326,14 +326,9 @@ def test_session_whose_context_cannot_fit_any_gpu_is_refused() -> None:
     assert result.sessions[0].completed
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- regressions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SimEngine keeps counting a session's retained KV (kv_demand) after its "
-    "continuation ran on another engine; nothing tells the old engine to forget it",
-)
 def test_no_engine_reports_retained_kv_after_every_session_finished() -> None:
     session = LONE_SESSIONS[0]
     for seed in range(3):

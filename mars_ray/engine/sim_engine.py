@@ -550,6 +550,13 @@ class SimEngine:
             )
             self._retained_blocks[request.session_id] = len(blocks)
 
+    def forget(self, session_id: str) -> None:
+        """The session will not come back here (it ended, or its next turn was placed on
+        another engine): stop counting KV kept for it in the working set and drop its
+        pin. Its cached blocks stay in the free queue for whoever evicts them."""
+        self._num_retained_blocks -= self._retained_blocks.pop(session_id, 0)
+        self._unpin(session_id)
+
     def _pin(self, session_id: str, blocks: list[int], expires_s: float) -> None:
         self._unpin(session_id)
         self._pins[session_id] = _Pin(blocks, expires_s)

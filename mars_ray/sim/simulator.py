@@ -247,7 +247,10 @@ class ClusterSim:
         for call in pool.advance(self.now_s):
             tool_s = self.now_s - call.start_s
             self.sessions[call.session_id].tool_s += tool_s
+            previous = self.scheduler.sessions[call.session_id].last_engine_id
             placement = self.scheduler.on_tool_finished(call.session_id, tool_s, self._loads())
+            if previous is not None and previous != placement.engine_id:
+                self.engines[previous].forget(call.session_id)
             self._start_turn(placement)
         self._schedule_pool(pool)
 
