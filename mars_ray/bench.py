@@ -48,7 +48,7 @@ DEFAULT_GPU: str = _CLUSTER_FIELDS["gpu"].default
 DEFAULT_MODEL: str = _CLUSTER_FIELDS["model"].default
 DEFAULT_CPU_CORES_PER_GPU: int = _CLUSTER_FIELDS["cpu_cores_per_gpu"].default
 FALLBACK_MAX_CONTEXT_TOKENS = 131_072
-AVAILABLE_RUNTIMES = ("sim",)
+AVAILABLE_RUNTIMES = ("sim", "ray")
 MARS = "mars"
 
 
@@ -83,6 +83,10 @@ class BenchConfig(FrozenConfig):
     seed: int = 0
     out_dir: Path = DEFAULT_OUT_DIR
     runtime: Literal["sim", "vllm", "ray"] = "sim"
+    time_scale: float = Field(
+        10.0, gt=0, description="ray runtime: simulated seconds per wall second"
+    )
+    faults: tuple[str, ...] = Field((), description="ray runtime: KIND@SECONDS fault injections")
     alpha: float = Field(DEFAULT_ALPHA, description="goodput slowdown bound for table and plots")
 
     @model_validator(mode="before")
@@ -123,6 +127,13 @@ class BenchConfig(FrozenConfig):
             raise _bad(f"--sessions must be >= 1, got {self.num_sessions}")
         if self.num_gpus % self.num_nodes:
             raise _bad(f"--gpus ({self.num_gpus}) must be a multiple of --nodes ({self.num_nodes})")
+        if self.faults:
+            from mars_ray.cluster.bench_runtime import parse_fault
+
+            if self.runtime != "ray":
+                raise _bad("--fault needs --runtime ray")
+            for fault in self.faults:
+                parse_fault(fault)
         if self.alpha not in GOODPUT_ALPHAS:
             known = ", ".join(alpha_key(a) for a in GOODPUT_ALPHAS)
             raise _bad(f"--alpha must be one of the reported bounds {known}, got {self.alpha:g}")
@@ -171,6 +182,10 @@ def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = Non
     if config.num_sessions is not None:
         args += ["--sessions", str(config.num_sessions)]
     args += ["--seed", str(config.seed), "--out", str(config.out_dir), "--runtime", config.runtime]
+    if config.runtime == "ray":
+        args += ["--time-scale", f"{config.time_scale:g}"]
+        for fault in config.faults:
+            args += ["--fault", fault]
     args += ["--alpha", f"{config.alpha:g}"]
     return shlex.join(args)
 
@@ -358,7 +373,7 @@ def check_runnable(config: BenchConfig) -> None:
 
     if config.runtime not in AVAILABLE_RUNTIMES:
         raise MarsError(
-            f"runtime {config.runtime!r} is not available yet in bench; use --runtime sim"
+            f"runtime {config.runtime!r} is not available yet in bench; use --runtime sim or ray"
         )
     for name in config.policies:
         get_policy(name)
@@ -473,6 +488,20 @@ def _run_one(
     from mars_ray.sim import simulate
 
     sessions = sessions_at(plan, point, config.seed)
+    if config.runtime == "ray":
+        from mars_ray.cluster.bench_runtime import parse_fault, run_ray
+
+        return run_ray(
+            sessions,
+            policy,
+            cluster=plan.cluster,
+            engine=plan.engine,
+            time_scale=config.time_scale,
+            faults=[parse_fault(f) for f in config.faults],
+            rate_per_s=point.rate_per_s,
+            seed=config.seed,
+            on_progress=on_progress,
+        )
     result = simulate(
         sessions,
         policy,
@@ -784,7 +813,20 @@ def bench_command(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of workload and arrivals")] = 0,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = DEFAULT_OUT_DIR,
-    runtime: Annotated[str, typer.Option("--runtime", help="sim (vllm, ray: not yet)")] = "sim",
+    runtime: Annotated[
+        str, typer.Option("--runtime", help="sim, or ray (a live deployment, replayed over HTTP)")
+    ] = "sim",
+    time_scale: Annotated[
+        float, typer.Option("--time-scale", help="ray: simulated seconds per wall second")
+    ] = 10.0,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            help="ray: inject KIND@SECONDS (kill-gpu-worker, "
+            "kill-tool-worker, remove-node); repeatable",
+        ),
+    ] = None,
     cpu_cores_per_gpu: Annotated[
         int, typer.Option("--cpu-cores-per-gpu", help="tool-pool CPU cores per GPU")
     ] = DEFAULT_CPU_CORES_PER_GPU,
@@ -812,6 +854,8 @@ def bench_command(
         seed=seed,
         out_dir=out,
         runtime=runtime,
+        time_scale=time_scale,
+        faults=tuple(fault or ()),
         alpha=alpha,
     )
     console = Console(stderr=True) if as_json else Console()

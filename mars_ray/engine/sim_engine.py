@@ -170,6 +170,21 @@ class SimEngine:
         self.policy.on_added(request, now_s)
         self.waiting.add(request, now_s)
 
+    def abort(self, request: EngineRequest) -> bool:
+        """Drop a turn nobody waits for any more (its client went away); its blocks go
+        to the evict-first end of the free queue. Returns False if it was not here.
+        Call between steps only (not while a plan that includes it is in flight)."""
+        if request.is_running:
+            request.is_running = False
+            self.running = [r for r in self.running if r is not request]
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            return False
+        blocks, request.block_ids = request.block_ids, []
+        self.pool.free(blocks, evict_first=True)
+        return True
+
     def interrupt(self, now_s: float) -> bool:
         """Cut a multi-step decode run at the first step boundary at or after ``now_s``.
         Returns True when the plan's end time changed."""

@@ -127,6 +127,20 @@ class ClusterScheduler:
         self._num_active[state.scope] -= 1
         return self._admit(state.scope, now_s, engines)
 
+    def on_session_cancelled(
+        self, session_id: str, now_s: float, engines: Sequence[EngineLoad]
+    ) -> list[Placement]:
+        """A session left before finishing (client gone, closed early, failed): drop
+        it from the queue or free its slot; returns the sessions that start now."""
+        state = self.sessions[session_id]
+        if state.phase is SessionPhase.QUEUED:
+            del self._queued[state.scope][session_id]
+            state.phase = SessionPhase.DONE
+            return []
+        if state.phase is SessionPhase.ACTIVE:
+            return self.on_session_finished(session_id, now_s, engines)
+        return []
+
     def predicted_tool_s(self, session_id: str) -> float:
         return self.sessions[session_id].tools.predict_s()
 

@@ -30,7 +30,9 @@ class KvAffinePlacement(PlacementPolicy):
         best = _least_loaded(engines)
         if last_engine_id is None:
             return best.engine_id
-        last = engines[last_engine_id]
+        last = _find(engines, last_engine_id)
+        if last is None:  # its engine is gone (failed, removed): place it afresh
+            return best.engine_id
         if last.load_score > self._factor * best.load_score + self._margin:
             return best.engine_id
         return last_engine_id
@@ -58,3 +60,10 @@ class PowerOfTwoPlacement(PlacementPolicy):
         self, session_id: str, last_engine_id: int | None, engines: Sequence[EngineLoad]
     ) -> int:
         return self._choose(engines)
+
+
+def _find(engines: Sequence[EngineLoad], engine_id: int) -> EngineLoad | None:
+    """The engine with ``engine_id``; lists may hold only the live engines."""
+    if engine_id < len(engines) and engines[engine_id].engine_id == engine_id:
+        return engines[engine_id]  # the usual case: every engine, in id order
+    return next((e for e in engines if e.engine_id == engine_id), None)

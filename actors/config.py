@@ -1,0 +1,108 @@
+"""Configuration of a serving deployment: what ``mars-ray serve`` and the Ray Serve
+application builder (``mars_ray.actors.app:build_app``, the ``serveConfigV2``
+import path) accept.
+
+``DeploymentConfig`` is frozen and validated like every other config; the MARS
+policy tunables come from a YAML or JSON file (a KubeRay ``ConfigMap`` mounted into
+the pod) read by :func:`load_policy_config`, which refuses unknown keys and
+out-of-range values with a message naming the key rather than starting on defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mars_ray.config import ClusterConfig, EngineConfig, FrozenConfig, validated
+from mars_ray.errors import ConfigError
+from mars_ray.policies.registry import POLICIES, PolicyConfig
+
+API_KEY_ENV = "MARS_API_KEY"
+POLICY_CONFIG_ENV = "MARS_POLICY_CONFIG"
+
+
+class ToolConfig(FrozenConfig):
+    """The CPU tool-executor pool: one executor actor per node."""
+
+    slots_per_node: int = Field(0, ge=0, description="concurrent tool calls; 0: the node's CPUs")
+    sandbox_root: str = Field("/tmp/mars-ray/sandboxes", min_length=1)
+    timeout_s: float = Field(300.0, gt=0)
+    memory_bytes: int = Field(2 << 30, gt=0)
+    max_output_bytes: int = Field(256 << 10, gt=0)
+    max_attempts: int = Field(3, ge=1, description="a call is retried when its worker dies")
+
+
+class DeploymentConfig(FrozenConfig):
+    """One mars-ray deployment: engines, policy, tools and the HTTP ingress."""
+
+    engine: Literal["sim", "vllm"] = "sim"
+    policy: str = "mars"
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    engine_config: EngineConfig = Field(default_factory=EngineConfig)
+    policy_config: PolicyConfig = Field(default_factory=PolicyConfig)
+    tools: ToolConfig = Field(default_factory=ToolConfig)
+    time_scale: float = Field(
+        1.0, gt=0, description="simulated seconds per wall second (sim engine only)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy for the GPU workers' bundles"
+    )
+    model_name: str = Field("mars-sim", min_length=1, description="served model id")
+    max_prompt_tokens: int = Field(
+        0, ge=0, description="reject longer prompts with 400; 0: what one GPU's KV holds"
+    )
+    api_key: str | None = Field(None, description="required bearer token; None: open")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentConfig:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        return self
+
+
+def load_policy_config(path: str | os.PathLike[str]) -> PolicyConfig:
+    """Read MARS tunables from a YAML or JSON file; unknown keys or bad values raise
+    :class:`ConfigError` naming the key (``PolicyConfig.admission.tick_s: ...``)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read MARS policy config {p}: {exc.strerror}") from None
+    data = _parse(text, p)
+    if not isinstance(data, dict):
+        raise ConfigError(f"MARS policy config {p} must be a mapping, got {type(data).__name__}")
+    return validated(PolicyConfig, **data)
+
+
+def _parse(text: str, path: Path) -> Any:
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    import yaml  # a Ray dependency
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def deployment_config(args: dict[str, Any]) -> DeploymentConfig:
+    """Build the config from application args (``serveConfigV2`` ``args``, CLI flags).
+
+    ``policy_config_path`` (or ``$MARS_POLICY_CONFIG``) names the tunables file;
+    ``api_key`` falls back to ``$MARS_API_KEY``.
+    """
+    values = dict(args)
+    path = values.pop("policy_config_path", None) or os.environ.get(POLICY_CONFIG_ENV)
+    if path:
+        values["policy_config"] = load_policy_config(path)
+    if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
+        values["api_key"] = os.environ[API_KEY_ENV]
+    return validated(DeploymentConfig, **values)

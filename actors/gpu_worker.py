@@ -1,0 +1,83 @@
+"""``GPUWorker``: one Ray actor per GPU, owning one engine.
+
+``engine="sim"`` steps a SimEngine in (time-scaled) wall-clock time through
+:class:`SimEngineRunner`. ``engine="vllm"`` (on GPU nodes) is served by Ray Serve
+LLM with ``MarsScheduler`` (see docs/vllm.md); this actor refuses it with a clear
+message rather than pretending. The actor is a thin adapter: placement, priorities
+and retention all come from the policy objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from mars_ray.engine.costmodel import CostModel, load_profile
+from mars_ray.engine.sim_engine import SimEngine
+from mars_ray.errors import ConfigError
+from mars_ray.policies.registry import get_policy
+from mars_ray.telemetry import EngineSnapshot
+
+from .config import DeploymentConfig
+from .engine_runner import SimEngineRunner
+from .messages import TokenChunk, TurnDone, TurnWork
+
+
+class GPUWorkerImpl:
+    """The actor's body (also usable without Ray for direct measurements)."""
+
+    def __init__(self, engine_id: int, node_index: int, config: DeploymentConfig) -> None:
+        if config.engine != "sim":
+            raise ConfigError(
+                "GPUWorker runs engine='sim' only; serve vLLM with MarsScheduler through Ray "
+                "Serve LLM (docs/vllm.md)"
+            )
+        spec = get_policy(config.policy)
+        cost = CostModel(load_profile(config.cluster.gpu, config.cluster.model))
+        engine = SimEngine(
+            engine_id,
+            cost,
+            config.engine_config,
+            spec.make_scheduler(config.policy_config),
+            node_id=node_index,
+        )
+        self.engine_id = engine_id
+        self.runner = SimEngineRunner(
+            engine, spec.make_retention(config.policy_config), time_scale=config.time_scale
+        )
+
+    def max_context_tokens(self) -> int:
+        return self.runner.engine.max_tokens
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10_000)  # type: ignore[call-overload]  # Ray stubs lack actor options
+class GPUWorker:
+    """One GPU's engine. ``num_gpus=1`` is set by the caller's ``.options`` together
+    with the placement-group bundle, so the same class serves logical GPUs in tests."""
+
+    def __init__(self, engine_id: int, node_index: int, config: DeploymentConfig) -> None:
+        self._impl = GPUWorkerImpl(engine_id, node_index, config)
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs (the caller waits on this before serving)."""
+        ctx = ray.get_runtime_context()
+        return {
+            "engine_id": self._impl.engine_id,
+            "node_id": ctx.get_node_id(),
+            "gpu_ids": ray.get_gpu_ids(),
+            "max_context_tokens": self._impl.max_context_tokens(),
+        }
+
+    async def generate(self, work: TurnWork) -> AsyncIterator[TokenChunk | TurnDone]:
+        """Stream one turn: token chunks, then its TurnDone (call with
+        ``num_returns="streaming"``)."""
+        async for item in self._impl.runner.generate(work):
+            yield item
+
+    async def snapshot(self) -> EngineSnapshot:
+        return self._impl.runner.snapshot()
+
+    async def forget(self, session_id: str) -> None:
+        self._impl.runner.forget(session_id)

@@ -1,0 +1,502 @@
+"""The Ray Serve ingress: an OpenAI-compatible API with sessions and tools.
+
+Routes (the OpenAPI document at ``/openapi.json`` is generated from these):
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` - streaming (SSE) or not;
+  the session id comes from the ``x-session-id`` header or the body's
+  ``session_id``; without one a request is a session of one turn.
+* ``POST /v1/sessions`` opens a session; ``GET /v1/sessions/{id}``;
+  ``POST /v1/sessions/{id}/tools`` runs a tool through the CPU pool (a command in
+  the session's sandbox, or a traced replay); ``POST /v1/sessions/{id}/tool_events``
+  reports a tool the agent ran itself; ``DELETE /v1/sessions/{id}`` closes it.
+* ``GET /v1/models``, ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness),
+  ``GET /readyz`` (readiness: the scheduler answers and a GPU worker is alive).
+
+With an API key configured, ``/v1/*`` needs ``Authorization: Bearer <key>``
+(401 otherwise). Errors use OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+
+from mars_ray.errors import MarsError
+
+from .api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenSessionRequest,
+    ToolEvent,
+    ToolRunRequest,
+    message_tokens,
+    prompt_tokens,
+)
+from .config import DeploymentConfig
+from .engine_runner import sim_token_id
+from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, TurnWork
+from .scheduler import ONE_SHOT_PREFIX, SessionError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+MAX_BODY_BYTES = 64 << 20
+MAX_TOOL_ATTEMPTS_DEFAULT = 3
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": code}}, status_code=status
+    )
+
+
+app = FastAPI(
+    title="mars-ray",
+    version="0.1.0",
+    description="Agent-aware LLM serving: OpenAI API with MARS sessions and tools.",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message, where = "request body is not valid JSON", "body"
+    return _error(400, f"{where}: {message}", "invalid_request")
+
+
+@app.exception_handler(SessionError)
+async def _session_error(_: Request, exc: SessionError) -> JSONResponse:
+    code = {404: "session_not_found", 409: "session_conflict", 503: "unavailable"}
+    return _error(exc.status, str(exc), code.get(exc.status, "session_error"))
+
+
+@app.exception_handler(MarsError)
+async def _mars_error(_: Request, exc: MarsError) -> JSONResponse:
+    return _error(400, str(exc), "invalid_request")
+
+
+def _session_error_from(exc: BaseException) -> BaseException:
+    """Unwrap a SessionError raised inside the scheduler actor."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, SessionError | MarsError):
+        return cause
+    return exc
+
+
+class _Turn:
+    """One turn through a GPU worker, retried on another worker if its worker dies."""
+
+    def __init__(self, ingress: Ingress, ask: TurnAsk, grant: TurnGrant) -> None:
+        self.ingress, self.ask, self.grant = ingress, ask, grant
+        self.done: TurnDone | None = None
+        self.created_s = int(time.time())
+
+    def _work(self) -> TurnWork:
+        g, a = self.grant, self.ask
+        return TurnWork(
+            session_id=g.session_id,
+            turn_index=g.turn_index,
+            prompt_tokens=a.prompt_tokens,
+            max_output_tokens=a.max_output_tokens,
+            prior_context_tokens=g.prior_context_tokens,
+            session_service_tokens=g.session_service_tokens,
+            session_service_s=g.session_service_s,
+            session_arrival_s=g.session_arrival_s,
+            is_last_turn=a.is_last_turn,
+            predicted_tool_s=g.predicted_tool_s,
+            attempt=g.attempt,
+        )
+
+    async def tokens(self) -> AsyncIterator[list[int]]:
+        """Token ids as they are sampled; a retry skips what was already sent."""
+        scheduler = self.ingress.scheduler
+        num_sent = 0
+        finished = False
+        try:
+            while self.done is None:
+                stream = self.grant.worker.generate.options(num_returns="streaming").remote(
+                    self._work()
+                )
+                try:
+                    async for ref in stream:
+                        item = await ref
+                        if isinstance(item, TokenChunk):
+                            skip = max(0, num_sent - item.first_index)
+                            fresh = list(item.token_ids[skip:])
+                            if fresh:
+                                num_sent += len(fresh)
+                                yield fresh
+                        else:
+                            self.done = item
+                except RayActorError as exc:
+                    log.warning(
+                        "turn %s/%d lost its worker: %r",
+                        self.ask.session_id,
+                        self.grant.turn_index,
+                        exc,
+                    )
+                    self.grant = await self.ingress._call(
+                        scheduler.retry_turn.remote(self._ask(), self.grant.engine_id, repr(exc))
+                    )
+            done = self.done
+            report = TurnReport(
+                session_id=self.grant.session_id,
+                turn_index=self.grant.turn_index,
+                engine_id=done.engine_id,
+                service_tokens=done.service_tokens,
+                service_s=done.service_s,
+                prompt_tokens=done.prompt_tokens,
+                output_tokens=done.output_tokens,
+                ttft_s=done.ttft_s,
+                is_last_turn=self.ask.is_last_turn,
+            )
+            await self.ingress._call(scheduler.end_turn.remote(report))
+            finished = True
+        finally:
+            if not finished:  # the client went away or the turn failed: release the turn
+                scheduler.abandon_turn.remote(self.grant.session_id, self.grant.turn_index)
+
+    def _ask(self) -> TurnAsk:
+        a = self.ask
+        return TurnAsk(
+            a.session_id,
+            self.grant.turn_index,
+            a.prompt_tokens,
+            a.max_output_tokens,
+            a.is_last_turn,
+            a.expected_tool_s,
+            a.tool_s,
+        )
+
+    @property
+    def usage(self) -> dict[str, int]:
+        done = self.done
+        prompt = self.ask.prompt_tokens
+        output = done.output_tokens if done else 0
+        cached = done.cached_tokens if done else 0
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
+            "prompt_tokens_details": {"cached_tokens": cached},  # type: ignore[dict-item]
+        }
+
+    def mars_info(self) -> dict[str, Any]:
+        done = self.done
+        info: dict[str, Any] = {
+            "session_id": self.grant.session_id,
+            "turn_index": self.grant.turn_index,
+            "engine_id": self.grant.engine_id,
+            "attempt": self.grant.attempt,
+        }
+        if done is not None:
+            info.update(
+                ttft_s=done.ttft_s,
+                e2e_s=done.e2e_s,
+                cached_tokens=done.cached_tokens,
+                recomputed_tokens=done.recomputed_tokens,
+                num_preemptions=done.num_preemptions,
+            )
+        return info
+
+
+def _text(ids: list[int]) -> str:
+    return "".join(f" t{i}" for i in ids)
+
+
+def _full_response(rid: str, kind: str, model: str, turn: _Turn, ids: list[int]) -> dict[str, Any]:
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": _text(ids)},
+            "finish_reason": "length",
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": _text(ids), "finish_reason": "length"}
+        obj = "text_completion"
+    return {
+        "id": rid,
+        "object": obj,
+        "created": turn.created_s,
+        "model": model,
+        "choices": [choice],
+        "usage": turn.usage,
+        "mars": turn.mars_info(),
+    }
+
+
+async def _sse(
+    turn: _Turn, rid: str, kind: str, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def event(choice: dict[str, Any], **extra: Any) -> str:
+        payload = {"id": rid, "object": obj, "created": turn.created_s, "model": model}
+        payload["choices"] = [choice] if choice else []
+        payload.update(extra)
+        return f"data: {json.dumps(payload)}\n\n"
+
+    if kind == "chat":
+        yield event(
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        )
+    async for ids in turn.tokens():
+        text = _text(ids)
+        if kind == "chat":
+            yield event({"index": 0, "delta": {"content": text}, "finish_reason": None})
+        else:
+            yield event({"index": 0, "text": text, "finish_reason": None})
+    last = (
+        {"index": 0, "delta": {}, "finish_reason": "length"}
+        if kind == "chat"
+        else {"index": 0, "text": "", "finish_reason": "length"}
+    )
+    yield event(last, mars=turn.mars_info())
+    if include_usage:
+        yield event({}, usage=turn.usage)
+    yield "data: [DONE]\n\n"
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+@serve.deployment(
+    name="mars-ingress",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=10_000,
+    health_check_period_s=10,
+)
+@serve.ingress(app)
+class Ingress:
+    """HTTP front door; owns nothing but handles to the runtime's actors."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from mars_ray.cluster.launch import ensure_runtime
+
+        self.config = DeploymentConfig(**config)
+        self.runtime = ensure_runtime(self.config)
+        self.scheduler = self.runtime.scheduler
+        limit = self.config.max_prompt_tokens or self.runtime.max_context_tokens
+        self.max_context_tokens = min(limit, self.runtime.max_context_tokens)
+        self.started_s = time.time()
+
+    # -- auth and helpers -----------------------------------------------------------
+    def _check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not given or not secrets.compare_digest(given.encode(), key.encode()):
+            raise ApiError(
+                401, "missing or wrong API key (Authorization: Bearer <key>)", "unauthorized"
+            )
+
+    async def _call(self, ref: Any) -> Any:
+        try:
+            return await ref
+        except RayActorError as exc:
+            raise ApiError(
+                503, f"runtime unavailable: {exc.__class__.__name__}", "unavailable"
+            ) from None
+        except Exception as exc:
+            cause = _session_error_from(exc)
+            if cause is not exc:
+                raise cause from None
+            raise
+
+    # -- models, health, metrics -------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._check_key(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": int(self.started_s),
+                    "owned_by": "mars-ray",
+                    "max_model_len": self.max_context_tokens,
+                }
+            ],
+        }
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            status = await asyncio.wait_for(self.scheduler.status.remote(), 5.0)
+        except Exception as exc:
+            return _error(503, f"global scheduler not answering: {exc!r}", "not_ready")
+        if not status["alive_engines"]:
+            return _error(503, "no GPU worker is alive", "not_ready")
+        return JSONResponse({"status": "ready", **status})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        text = await self._call(self.scheduler.metrics_text.remote())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- sessions ----------------------------------------------------------------------
+    @app.post("/v1/sessions")
+    async def open_session(
+        self, request: Request, body: OpenSessionRequest | None = None
+    ) -> dict[str, Any]:
+        self._check_key(request)
+        sid = await self._call(
+            self.scheduler.open_session.remote(body.session_id if body else None)
+        )
+        return {"session_id": sid, "object": "session"}
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(self, session_id: str, request: Request) -> dict[str, Any]:
+        self._check_key(request)
+        if not await self._call(self.scheduler.has_session.remote(session_id)):
+            raise SessionError(f"unknown session {session_id!r}", status=404)
+        return {"session_id": session_id, "object": "session", "open": True}
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def close_session(self, session_id: str, request: Request) -> dict[str, Any]:
+        self._check_key(request)
+        summary = await self._call(self.scheduler.close_session.remote(session_id))
+        for executor in self.runtime.executors.values():
+            executor.close_session.remote(session_id)
+        return {"object": "session.summary", **_asdict(summary), "slowdown": summary.slowdown}
+
+    @app.post("/v1/sessions/{session_id}/tool_events")
+    async def tool_event(
+        self, session_id: str, body: ToolEvent, request: Request
+    ) -> dict[str, Any]:
+        self._check_key(request)
+        await self._call(self.scheduler.tool_finished.remote(session_id, body.tool_s))
+        return {"session_id": session_id, "recorded_tool_s": body.tool_s}
+
+    @app.post("/v1/sessions/{session_id}/tools")
+    async def run_tool(
+        self, session_id: str, body: ToolRunRequest, request: Request
+    ) -> dict[str, Any]:
+        self._check_key(request)
+        attempts = self.config.tools.max_attempts
+        last_error = ""
+        for attempt in range(1, attempts + 1):
+            node, executor = await self._call(self.scheduler.tool_executor_for.remote(session_id))
+            try:
+                if body.replay is not None:
+                    ref = executor.replay.remote(session_id, body.replay.cpu_s, body.replay.wait_s)
+                else:
+                    ref = executor.run.remote(session_id, body.argv, body.stdin, body.timeout_s)
+                outcome = await ref
+            except RayActorError as exc:
+                last_error = repr(exc)
+                await self._call(self.scheduler.tool_executor_failed.remote(node, last_error))
+                continue
+            except Exception as exc:
+                cause = getattr(exc, "cause", exc)
+                if isinstance(cause, MarsError):
+                    raise ApiError(400, str(cause), "tool_refused") from None
+                raise
+            tool_s = (
+                outcome.wall_s
+                if body.replay is not None
+                else outcome.wall_s * self.config.time_scale
+            )
+            await self._call(self.scheduler.tool_finished.remote(session_id, tool_s))
+            return {"object": "tool.result", **_asdict(outcome), "attempts": attempt}
+        raise ApiError(503, f"tool call failed {attempts} times: {last_error}", "tool_failed")
+
+    # -- generation ----------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self._check_key(request)
+        return await self._generate(body, message_tokens(body.messages), "chat", request)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._check_key(request)
+        return await self._generate(body, prompt_tokens(body.prompt), "text", request)
+
+    async def _generate(self, body: Any, num_prompt: int, kind: str, request: Request) -> Any:
+        if body.model is not None and body.model != self.config.model_name:
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served; use {self.config.model_name!r}",
+                "model_not_found",
+            )
+        if num_prompt < 1:
+            raise ApiError(400, "the prompt is empty (no tokens)", "empty_prompt")
+        max_out = body.output_tokens(DEFAULT_MAX_TOKENS)
+        if num_prompt + max_out > self.max_context_tokens:
+            raise ApiError(
+                400,
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_out}) exceeds the model's "
+                f"context of {self.max_context_tokens} tokens",
+                "context_length_exceeded",
+            )
+        sid = request.headers.get("x-session-id") or body.session_id
+        hints = body.mars
+        one_shot = sid is None
+        sid = sid or f"{ONE_SHOT_PREFIX}{uuid.uuid4().hex[:16]}"
+        ask = TurnAsk(
+            session_id=sid,
+            turn_index=hints.turn_index if hints and hints.turn_index is not None else -1,
+            prompt_tokens=num_prompt,
+            max_output_tokens=max_out,
+            is_last_turn=one_shot or bool(hints and hints.last_turn),
+            expected_tool_s=hints.expected_tool_s if hints else None,
+            tool_s=hints.tool_s if hints else None,
+        )
+        grant = await self._call(self.scheduler.begin_turn.remote(ask))
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        turn = _Turn(self, ask, grant)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(turn, rid, kind, self.config.model_name, include_usage),
+                media_type="text/event-stream",
+                headers={"x-session-id": sid},
+            )
+        ids: list[int] = []
+        async for chunk in turn.tokens():
+            ids.extend(chunk)
+        return JSONResponse(
+            _full_response(rid, kind, self.config.model_name, turn, ids),
+            headers={"x-session-id": sid},
+        )
+
+
+__all__ = ["Ingress", "app", "sim_token_id"]

@@ -1,0 +1,495 @@
+"""``GlobalScheduler``: the single source of truth for session state.
+
+An async adapter over the pure :class:`~mars_ray.policies.cluster.ClusterScheduler`
+(the same object the simulator drives): it turns HTTP-driven events into its calls,
+parks a turn until admission and placement say where it runs, and every control
+tick polls the GPU workers and tool executors for the signals AIMD admission and
+placement read. The global MLFQ is realised by handing each turn its session's
+attained service across GPUs; the engines rank by it.
+
+Failures: a worker that does not answer a poll, or whose turn stream breaks, is
+marked dead; its sessions' next turns are placed on live engines (KV is lost, so
+they recompute from their context) and in-flight turns are retried by the ingress
+through :meth:`retry_turn`. Everything here is in memory: if this actor restarts,
+the ingress sees a new ``incarnation`` and re-registers sessions on their next turn
+(their attained service and tool history restart from zero; stated in the note
+and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from mars_ray.clock import WallClock
+from mars_ray.engine.costmodel import CostModel, load_profile
+from mars_ray.engine.ideal import isolated_turn_s
+from mars_ray.errors import MarsError
+from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
+from mars_ray.policies.cluster import ClusterScheduler, Placement, SessionPhase
+from mars_ray.policies.registry import get_policy
+from mars_ray.telemetry import EngineSnapshot, Telemetry, ToolPoolSnapshot
+
+from .config import DeploymentConfig
+from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
+ONE_SHOT_PREFIX = "req-"  # ids the ingress gives requests that name no session
+
+
+class SessionError(MarsError, ValueError):
+    """A session call that cannot be honoured; ``status`` is the HTTP code to answer."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class _Live:
+    """What the runtime knows of a session beyond the ClusterScheduler's record."""
+
+    session_id: str
+    arrival_s: float
+    context_tokens: int = 0
+    num_turns: int = 0
+    turn_in_flight: int | None = None
+    turn_ended_s: float | None = None
+    pending_tool_s: float | None = None  # measured by the tool pool, for the next turn
+    tool_s: float = 0.0
+    ideal_gpu_s: float = 0.0
+    engine_id: int | None = None
+    attempt: int = 0
+    placed: asyncio.Future[Placement] | None = None
+    closed: bool = False
+    events: list[str] = field(default_factory=list)
+
+
+class GlobalSchedulerImpl:
+    """The scheduler's logic, Ray-free except for the handles it is given."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+        self.spec = get_policy(config.policy)
+        self.clock = WallClock(config.time_scale)
+        self.cost = CostModel(load_profile(config.cluster.gpu, config.cluster.model))
+        self.cluster = ClusterScheduler(
+            self.spec, config.policy_config, config.cluster.num_gpus, random.Random(config.seed)
+        )
+        self.telemetry = Telemetry()
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.workers: dict[int, Any] = {}
+        self.engine_nodes: dict[int, int] = {}
+        self.alive: set[int] = set()
+        self.loads: dict[int, EngineLoad] = {}
+        self.tool_executors: dict[int, Any] = {}
+        self.tool_snapshots: dict[int, ToolPoolSnapshot] = {}
+        self.sessions: dict[str, _Live] = {}
+        self.summaries: list[SessionSummary] = []
+        self.num_turn_retries = 0
+        self.num_tool_retries = 0
+        self.num_decisions = 0
+        self._tick_task: asyncio.Task[None] | None = None
+
+    # -- registration ------------------------------------------------------------
+    def register_workers(self, workers: dict[int, Any], engine_nodes: dict[int, int]) -> None:
+        self.workers.update(workers)
+        self.engine_nodes.update(engine_nodes)
+        for engine_id in workers:
+            self.alive.add(engine_id)
+            self.loads[engine_id] = EngineLoad(engine_id, engine_nodes[engine_id], 0.0, 0, 0)
+
+    def register_tool_executors(self, executors: dict[int, Any]) -> None:
+        self.tool_executors.update(executors)
+
+    def now_s(self) -> float:
+        return self.clock.now_s()
+
+    def _live_loads(self) -> list[EngineLoad]:
+        if not self.alive:
+            raise SessionError("no GPU worker is alive", status=503)
+        return [self.loads[e] for e in sorted(self.alive)]
+
+    # -- sessions -------------------------------------------------------------------
+    def open_session(self, session_id: str | None = None) -> str:
+        session_id = session_id or f"sess-{uuid.uuid4().hex[:16]}"
+        if session_id in self.sessions:
+            raise SessionError(f"session {session_id!r} is already open")
+        self.sessions[session_id] = _Live(session_id, self.now_s())
+        self.telemetry.session_started()
+        return session_id
+
+    def _session(self, session_id: str) -> _Live:
+        live = self.sessions.get(session_id)
+        if live is None or live.closed:
+            raise SessionError(f"unknown session {session_id!r}", status=404)
+        return live
+
+    async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
+        """Wait until the turn may run; returns where. Opens unknown sessions."""
+        if ask.session_id not in self.sessions:
+            self.open_session(ask.session_id)
+        live = self._session(ask.session_id)
+        if ask.turn_index < 0:  # "the next one"
+            ask = dataclasses.replace(ask, turn_index=live.num_turns)
+        if live.turn_in_flight is not None:
+            raise SessionError(
+                f"session {ask.session_id!r} already has turn {live.turn_in_flight} running"
+            )
+        if ask.turn_index != live.num_turns:
+            raise SessionError(
+                f"session {ask.session_id!r} expects turn {live.num_turns}, got {ask.turn_index}"
+            )
+        live.turn_in_flight = ask.turn_index
+        try:
+            placement = await self._place(live, ask)
+        except BaseException:
+            live.turn_in_flight = None
+            state = self.cluster.sessions.get(live.session_id)
+            if state is not None and state.phase is SessionPhase.QUEUED:
+                self._start_all(
+                    self.cluster.on_session_cancelled(
+                        live.session_id, self.now_s(), self._live_loads()
+                    )
+                )
+            raise
+        self.num_decisions += 1
+        return self._grant(live, ask, placement.engine_id)
+
+    async def _place(self, live: _Live, ask: TurnAsk) -> Placement:
+        now_s = self.now_s()
+        if live.session_id not in self.cluster.sessions:  # its first turn: admission
+            ticket = SessionTicket(live.session_id, live.arrival_s, ask.prompt_tokens)
+            loop = asyncio.get_running_loop()
+            live.placed = loop.create_future()
+            self._start_all(self.cluster.on_session_arrival(ticket, now_s, self._live_loads()))
+            return await live.placed
+        # A continuation (or a first turn retried after its client left): place it.
+        tool_s = ask.tool_s if ask.tool_s is not None else live.pending_tool_s
+        if tool_s is None:
+            tool_s = now_s - live.turn_ended_s if live.turn_ended_s is not None else 0.0
+        live.pending_tool_s = None
+        live.tool_s += tool_s
+        previous = live.engine_id
+        placement = self.cluster.on_tool_finished(live.session_id, tool_s, self._live_loads())
+        if previous is not None and previous != placement.engine_id:
+            self._forget(previous, live.session_id)
+        return placement
+
+    def _start_all(self, placements: Sequence[Placement]) -> None:
+        for placement in placements:
+            live = self.sessions[placement.session_id]
+            if live.placed is not None and not live.placed.done():
+                live.placed.set_result(placement)
+
+    def _grant(self, live: _Live, ask: TurnAsk, engine_id: int) -> TurnGrant:
+        state = self.cluster.sessions[live.session_id]
+        live.engine_id = engine_id
+        return TurnGrant(
+            session_id=live.session_id,
+            turn_index=ask.turn_index,
+            engine_id=engine_id,
+            worker=self.workers[engine_id],
+            prior_context_tokens=live.context_tokens
+            if ask.prompt_tokens >= live.context_tokens
+            else 0,
+            session_service_tokens=state.service_tokens,
+            session_service_s=state.service_s,
+            session_arrival_s=live.arrival_s,
+            predicted_tool_s=(
+                ask.expected_tool_s
+                if ask.expected_tool_s is not None
+                else self.cluster.predicted_tool_s(live.session_id)
+            ),
+            attempt=live.attempt,
+        )
+
+    def retry_turn(self, ask: TurnAsk, failed_engine_id: int, reason: str) -> TurnGrant:
+        """The turn's worker failed mid-turn: mark it dead, re-place the turn."""
+        live = self._session(ask.session_id)
+        self._mark_dead(failed_engine_id, reason)
+        live.attempt += 1
+        self.num_turn_retries += 1
+        self.telemetry.turn_retried()
+        state = self.cluster.sessions[live.session_id]
+        loads = self._live_loads()
+        engine_id = self.cluster._placement.place_continuation(live.session_id, None, loads)
+        state.last_engine_id = engine_id
+        return self._grant(live, ask, engine_id)
+
+    def abandon_turn(self, session_id: str, turn_index: int) -> None:
+        """A turn's caller went away before it ended: the session may try it again; a
+        one-turn session (no session id given) is closed as failed."""
+        live = self.sessions.get(session_id)
+        if live is None or live.turn_in_flight != turn_index:
+            return
+        live.turn_in_flight = None
+        if session_id.startswith(ONE_SHOT_PREFIX):
+            self.close_session(session_id, failed_reason="client went away")
+
+    def end_turn(self, report: TurnReport) -> SessionSummary | None:
+        live = self._session(report.session_id)
+        if live.turn_in_flight != report.turn_index:
+            raise SessionError(f"session {report.session_id!r} has no turn {report.turn_index}")
+        live.ideal_gpu_s += self._isolated_turn_s(live, report)
+        live.turn_in_flight = None
+        live.num_turns += 1
+        live.context_tokens = report.context_tokens
+        live.turn_ended_s = self.now_s()
+        self.cluster.on_turn_finished(report.session_id, report.service_tokens, report.service_s)
+        self.telemetry.turn_finished(report.engine_id, report.ttft_s)
+        if report.is_last_turn:
+            return self.close_session(report.session_id)
+        return None
+
+    def _isolated_turn_s(self, live: _Live, report: TurnReport) -> float:
+        """The turn alone on an idle GPU (for the session's ideal time and slowdown)."""
+        extends = report.prompt_tokens >= live.context_tokens  # else no prefix to reuse
+        return isolated_turn_s(
+            self.cost,
+            self.config.engine_config,
+            max(0, live.context_tokens - 1) if extends else 0,
+            report.prompt_tokens,
+            report.output_tokens,
+        )
+
+    def tool_finished(self, session_id: str, tool_s: float) -> None:
+        """A tool run through the pool (or reported by the agent) took ``tool_s``."""
+        live = self._session(session_id)
+        live.pending_tool_s = (live.pending_tool_s or 0.0) + tool_s
+
+    def close_session(self, session_id: str, failed_reason: str | None = None) -> SessionSummary:
+        live = self._session(session_id)
+        now_s = self.now_s()
+        live.closed = True
+        if live.placed is not None and not live.placed.done():
+            live.placed.cancel()
+        if session_id in self.cluster.sessions:
+            self._start_all(
+                self.cluster.on_session_cancelled(session_id, now_s, self._live_loads())
+            )
+        if live.engine_id is not None:
+            self._forget(live.engine_id, session_id)
+        state = self.cluster.sessions.get(session_id)
+        jct_s = now_s - live.arrival_s
+        summary = SessionSummary(
+            session_id=session_id,
+            arrival_s=live.arrival_s,
+            admitted_s=None if state is None else state.admitted_s,
+            finish_s=now_s,
+            num_turns=live.num_turns,
+            ideal_s=live.ideal_gpu_s + live.tool_s,
+            jct_s=jct_s,
+            tool_s=live.tool_s,
+            failed_reason=failed_reason,
+        )
+        self.summaries.append(summary)
+        if failed_reason is None:
+            self.telemetry.session_completed(jct_s, summary.slowdown)
+        else:
+            self.telemetry.session_failed()
+        del self.sessions[session_id]
+        return summary
+
+    def _forget(self, engine_id: int, session_id: str) -> None:
+        if engine_id in self.alive:
+            self.workers[engine_id].forget.remote(session_id)
+
+    def _mark_dead(self, engine_id: int, reason: str) -> None:
+        if engine_id in self.alive:
+            log.warning("GPU worker %d is dead (%s); re-placing its sessions", engine_id, reason)
+            self.alive.discard(engine_id)
+
+    # -- tools -----------------------------------------------------------------------
+    def tool_executor_for(self, session_id: str) -> tuple[int, Any]:
+        """The executor on the node of the session's last GPU (tool output stays local)."""
+        live = self._session(session_id)
+        if not self.tool_executors:
+            raise SessionError("no tool executor is running", status=503)
+        node = self.engine_nodes.get(live.engine_id or 0, 0)
+        if node not in self.tool_executors:
+            node = sorted(self.tool_executors)[hash(session_id) % len(self.tool_executors)]
+        return node, self.tool_executors[node]
+
+    def tool_executor_failed(self, node: int, reason: str) -> None:
+        log.warning("tool executor on node %d failed (%s)", node, reason)
+        self.tool_executors.pop(node, None)
+        self.tool_snapshots.pop(node, None)
+        self.num_tool_retries += 1
+        self.telemetry.tool_retried()
+
+    # -- control tick --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._tick_task is None:
+            self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def _tick_loop(self) -> None:
+        period_s = self.config.policy_config.admission.tick_s / self.config.time_scale
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.tick()
+            except Exception:  # never let one bad tick stop admission
+                log.exception("control tick failed")
+            await asyncio.sleep(max(0.0, period_s - (time.perf_counter() - started)))
+
+    async def tick(self) -> None:
+        await self._poll_workers()
+        await self._poll_tools()
+        if not self.alive:
+            return
+        loads = self._live_loads()
+        _, placements = self.cluster.on_tick(self._signals(), self.now_s(), loads)
+        self._start_all(placements)
+        self.telemetry.observe_admission(
+            self.cluster.windows(), self.cluster.num_queued(), self.cluster.num_active()
+        )
+
+    async def _poll_workers(self) -> None:
+        ids = sorted(self.alive)
+        refs = [self.workers[e].snapshot.remote() for e in ids]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(_await_ref(r), SNAPSHOT_TIMEOUT_S) for r in refs),
+            return_exceptions=True,
+        )
+        for engine_id, result in zip(ids, results, strict=True):
+            if isinstance(result, EngineSnapshot):
+                self.loads[engine_id] = EngineLoad(
+                    engine_id,
+                    self.engine_nodes[engine_id],
+                    result.kv_usage,
+                    result.num_running,
+                    result.num_waiting,
+                    kv_demand=result.kv_demand,
+                )
+                self.telemetry.observe_engine(result)
+            else:
+                self._mark_dead(engine_id, repr(result))
+
+    async def _poll_tools(self) -> None:
+        nodes = sorted(self.tool_executors)
+        refs = [self.tool_executors[n].snapshot.remote() for n in nodes]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(_await_ref(r), SNAPSHOT_TIMEOUT_S) for r in refs),
+            return_exceptions=True,
+        )
+        for node, result in zip(nodes, results, strict=True):
+            if isinstance(result, ToolPoolSnapshot):
+                self.tool_snapshots[node] = result
+                self.telemetry.observe_tool_pool(result)
+
+    def _signals(self) -> list[ClusterSignals]:
+        """One signal set per admission scope, as the simulator computes them."""
+        if not self.cluster.per_engine_admission:
+            return [self._scope_signals(sorted(self.alive), list(self.tool_snapshots.values()))]
+        signals = []
+        for engine_id in range(self.config.cluster.num_gpus):
+            node = self.engine_nodes.get(engine_id, 0)
+            tools = [self.tool_snapshots[node]] if node in self.tool_snapshots else []
+            engines = [engine_id] if engine_id in self.alive else []
+            signals.append(self._scope_signals(engines, tools))
+        return signals
+
+    def _scope_signals(
+        self, engine_ids: Sequence[int], tools: Sequence[ToolPoolSnapshot]
+    ) -> ClusterSignals:
+        kv = [self.loads[e].kv_usage for e in engine_ids]
+        return ClusterSignals(
+            kv_usage=sum(kv) / len(kv) if kv else 0.0,
+            num_tools_in_flight=sum(t.num_in_flight for t in tools),
+            num_tool_workers=sum(t.num_workers for t in tools),
+            tool_wait_ema_s=sum(t.wait_ema_s for t in tools) / len(tools) if tools else 0.0,
+        )
+
+    # -- views -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        phases = {p.value: 0 for p in SessionPhase}
+        for state in self.cluster.sessions.values():
+            phases[state.phase.value] += 1
+        return {
+            "incarnation": self.incarnation,
+            "now_s": self.now_s(),
+            "alive_engines": sorted(self.alive),
+            "num_engines": self.config.cluster.num_gpus,
+            "tool_nodes": sorted(self.tool_executors),
+            "sessions_open": len(self.sessions),
+            "phases": phases,
+            "windows": self.cluster.windows(),
+            "num_turn_retries": self.num_turn_retries,
+            "num_tool_retries": self.num_tool_retries,
+            "num_decisions": self.num_decisions,
+        }
+
+
+async def _await_ref(ref: Any) -> Any:
+    return await ref
+
+
+@ray.remote(num_cpus=0, max_restarts=1, max_concurrency=100_000)  # type: ignore[call-overload]  # Ray stubs lack actor options
+class GlobalScheduler:
+    """The Ray actor around :class:`GlobalSchedulerImpl` (one per deployment)."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self._impl = GlobalSchedulerImpl(config)
+
+    async def ready(self) -> str:
+        self._impl.start()
+        return self._impl.incarnation
+
+    async def register_workers(self, workers: dict[int, Any], engine_nodes: dict[int, int]) -> None:
+        self._impl.register_workers(workers, engine_nodes)
+
+    async def register_tool_executors(self, executors: dict[int, Any]) -> None:
+        self._impl.register_tool_executors(executors)
+
+    async def open_session(self, session_id: str | None = None) -> str:
+        return self._impl.open_session(session_id)
+
+    async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
+        return await self._impl.begin_turn(ask)
+
+    async def retry_turn(self, ask: TurnAsk, failed_engine_id: int, reason: str) -> TurnGrant:
+        return self._impl.retry_turn(ask, failed_engine_id, reason)
+
+    async def abandon_turn(self, session_id: str, turn_index: int) -> None:
+        self._impl.abandon_turn(session_id, turn_index)
+
+    async def end_turn(self, report: TurnReport) -> SessionSummary | None:
+        return self._impl.end_turn(report)
+
+    async def tool_finished(self, session_id: str, tool_s: float) -> None:
+        self._impl.tool_finished(session_id, tool_s)
+
+    async def tool_executor_for(self, session_id: str) -> tuple[int, Any]:
+        return self._impl.tool_executor_for(session_id)
+
+    async def tool_executor_failed(self, node: int, reason: str) -> None:
+        self._impl.tool_executor_failed(node, reason)
+
+    async def close_session(
+        self, session_id: str, failed_reason: str | None = None
+    ) -> SessionSummary:
+        return self._impl.close_session(session_id, failed_reason)
+
+    async def has_session(self, session_id: str) -> bool:
+        return session_id in self._impl.sessions
+
+    async def summaries(self) -> list[SessionSummary]:
+        return list(self._impl.summaries)
+
+    async def metrics_text(self) -> bytes:
+        return self._impl.telemetry.render()
+
+    async def status(self) -> dict[str, Any]:
+        return self._impl.status()

@@ -1,0 +1,172 @@
+"""``ToolExecutor``: the CPU tool pool, one actor per node.
+
+Runs an agent's tool call for real in the session's sandbox (``sandbox.Sandbox``:
+subprocess, timeout, CPU / memory / output limits), or replays a traced call as real
+CPU burn plus waiting so that CPU contention between tools is real. Calls beyond
+the node's slots queue; the queue wait, in-flight count and CPU time feed AIMD
+admission through :class:`~mars_ray.telemetry.ToolPoolSnapshot`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+
+from mars_ray.telemetry import ToolPoolSnapshot
+
+from .config import DeploymentConfig
+from .messages import ToolOutcome
+from .sandbox import Sandbox, SandboxLimits, replay_tool_call
+
+
+class ToolExecutorImpl:
+    """The pool of one node (Ray-free; the actor below wraps it)."""
+
+    def __init__(self, node_index: int, config: DeploymentConfig, num_slots: int) -> None:
+        self.node_index = node_index
+        self.config = config
+        self.num_slots = num_slots
+        self.time_scale = config.time_scale
+        self._slots = asyncio.Semaphore(num_slots)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._root = Path(config.tools.sandbox_root) / f"node-{node_index}-{os.getpid()}"
+        self._limits = SandboxLimits(
+            timeout_s=config.tools.timeout_s,
+            cpu_s=config.tools.timeout_s,
+            memory_bytes=config.tools.memory_bytes,
+            max_output_bytes=config.tools.max_output_bytes,
+        )
+        self.num_in_flight = 0
+        self.num_completed = 0
+        self.cpu_s = 0.0
+        self.wait_ema_s = 0.0
+        self._alpha = config.policy_config.admission.tool_wait_ema_alpha
+
+    def _sandbox(self, session_id: str) -> Sandbox:
+        box = self._sandboxes.get(session_id)
+        if box is None:
+            box = self._sandboxes[session_id] = Sandbox(self._root, session_id, self._limits)
+        return box
+
+    async def run(
+        self,
+        session_id: str,
+        argv: Sequence[str],
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ToolOutcome:
+        """Run ``argv`` in the session's sandbox (refusals raise SandboxError)."""
+        box = self._sandbox(session_id)
+        limits = None
+        if timeout_s is not None:
+            limits = SandboxLimits(
+                timeout_s=min(timeout_s, self._limits.timeout_s),
+                cpu_s=min(timeout_s, self._limits.cpu_s),
+                memory_bytes=self._limits.memory_bytes,
+                max_output_bytes=self._limits.max_output_bytes,
+            )
+        queued_s = time.monotonic()
+        self.num_in_flight += 1
+        try:
+            async with self._slots:
+                queue_s = time.monotonic() - queued_s
+                result = await box.run(argv, stdin=stdin, limits=limits)
+        finally:
+            self.num_in_flight -= 1
+        self._account(queue_s * self.time_scale, result.cpu_s)
+        return ToolOutcome(
+            session_id=session_id,
+            node_id=self.node_index,
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
+            timed_out=result.timed_out,
+            killed_reason=result.killed_reason,
+            wall_s=result.wall_s,
+            cpu_s=result.cpu_s,
+            queue_s=queue_s,
+        )
+
+    async def replay(self, session_id: str, cpu_s: float, wait_s: float) -> ToolOutcome:
+        """Replay a traced call: ``cpu_s`` of real CPU burn then ``wait_s`` of waiting,
+        both in simulated seconds (divided by the time scale). Returns simulated times."""
+        scale = self.time_scale
+        started_s = time.monotonic()
+        self.num_in_flight += 1
+        try:
+            await replay_tool_call(cpu_s / scale, wait_s / scale)
+        finally:
+            self.num_in_flight -= 1
+        took_s = (time.monotonic() - started_s) * scale
+        delay_s = max(0.0, took_s - cpu_s - wait_s)
+        self._account(delay_s, cpu_s / scale)
+        return ToolOutcome(
+            session_id=session_id,
+            node_id=self.node_index,
+            exit_code=0,
+            stdout="",
+            stderr="",
+            stdout_truncated=False,
+            stderr_truncated=False,
+            timed_out=False,
+            killed_reason=None,
+            wall_s=took_s,
+            cpu_s=cpu_s,
+            queue_s=delay_s,
+        )
+
+    def _account(self, delay_s: float, cpu_s: float) -> None:
+        self.num_completed += 1
+        self.cpu_s += cpu_s
+        self.wait_ema_s += self._alpha * (delay_s - self.wait_ema_s)
+
+    def close_session(self, session_id: str) -> None:
+        box = self._sandboxes.pop(session_id, None)
+        if box is not None:
+            box.close()
+
+    def snapshot(self) -> ToolPoolSnapshot:
+        return ToolPoolSnapshot(
+            node_id=self.node_index,
+            num_in_flight=self.num_in_flight,
+            num_workers=self.num_slots,
+            wait_ema_s=self.wait_ema_s,
+            cpu_s=self.cpu_s,
+            num_completed=self.num_completed,
+        )
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10_000)  # type: ignore[call-overload]  # Ray stubs lack actor options
+class ToolExecutor:
+    """One node's tool pool (pinned to its node by the launcher)."""
+
+    def __init__(self, node_index: int, config: DeploymentConfig, num_slots: int) -> None:
+        self._impl = ToolExecutorImpl(node_index, config, num_slots)
+
+    async def ready(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def run(
+        self,
+        session_id: str,
+        argv: list[str],
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ToolOutcome:
+        return await self._impl.run(session_id, argv, stdin, timeout_s)
+
+    async def replay(self, session_id: str, cpu_s: float, wait_s: float) -> ToolOutcome:
+        return await self._impl.replay(session_id, cpu_s, wait_s)
+
+    async def close_session(self, session_id: str) -> None:
+        self._impl.close_session(session_id)
+
+    async def snapshot(self) -> ToolPoolSnapshot:
+        return self._impl.snapshot()
