@@ -7,20 +7,22 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: venv venv-vllm bench test test-vllm lint typecheck check clean
 
+# torch goes in first so that pip takes the CPU build from its find-links (the ray and
+# vllm wheels would otherwise pull a CUDA build).
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (mars-ray needs Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-## vLLM 0.29 (through ray[llm]==2.60.0) on the CPU build of torch, for tests/vllm (~4 min, ~7 GB).
+## + vLLM 0.29 (through ray[llm]==2.60.0) on the CPU build of torch, for tests/vllm (~4 min, ~7 GB).
 ## The CUDA torchvision/torchaudio that ray[llm] pulls in break `import vllm`: removed.
 VLLM_STAMP = $(VENV)/.installed-vllm
 $(VLLM_STAMP): $(STAMP)
-	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q 'ray[llm]==2.60.0' torch==2.13.0
 	$(BIN)/pip uninstall -q -y torchvision torchaudio
 	$(BIN)/pip install -q -e '.[dev,vllm]'
@@ -28,7 +30,7 @@ $(VLLM_STAMP): $(STAMP)
 
 venv-vllm: $(VLLM_STAMP)
 
-## MarsScheduler / SimulatedExecutor tests against real vLLM on the CPU.
+## MarsScheduler / SimulatedExecutor tests against real vLLM on the CPU only.
 test-vllm: $(VLLM_STAMP)
 	VLLM_TARGET_DEVICE=cpu $(BIN)/python -m pytest -q tests/vllm
 
@@ -36,9 +38,10 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP)
 	$(BIN)/mars-ray bench --out results/quick
 
-## The full CPU test suite (what CI runs).
-test: $(STAMP)
-	$(BIN)/python -m pytest -q || { rc=$$?; [ $$rc -ne 5 ] || echo 'error: pytest collected no tests'; exit $$rc; }
+## The full test suite (what CI runs): policy core, simulator, real Ray / Serve runtime,
+## real vLLM on the CPU. Builds the full environment first.
+test: $(VLLM_STAMP)
+	VLLM_TARGET_DEVICE=cpu $(BIN)/python -m pytest -q || { rc=$$?; [ $$rc -ne 5 ] || echo 'error: pytest collected no tests'; exit $$rc; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -302,10 +302,12 @@ class Ingress:
     """HTTP front door; owns nothing but handles to the runtime's actors."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from mars_ray.cluster.launch import ensure_runtime
+        from mars_ray.cluster.launch import ensure_runtime, find_runtime
 
         self.config = DeploymentConfig(**config)
-        self.runtime = ensure_runtime(self.config)
+        # A replica restarted after a failure joins the running runtime (whatever
+        # survived); only the first replica of a deployment creates it.
+        self.runtime = find_runtime(self.config) or ensure_runtime(self.config)
         self.scheduler = self.runtime.scheduler
         limit = self.config.max_prompt_tokens or self.runtime.max_context_tokens
         self.max_context_tokens = min(limit, self.runtime.max_context_tokens)
@@ -386,9 +388,8 @@ class Ingress:
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> dict[str, Any]:
         self._check_key(request)
-        if not await self._call(self.scheduler.has_session.remote(session_id)):
-            raise SessionError(f"unknown session {session_id!r}", status=404)
-        return {"session_id": session_id, "object": "session", "open": True}
+        info = await self._call(self.scheduler.session_info.remote(session_id))
+        return {"object": "session", **info}
 
     @app.delete("/v1/sessions/{session_id}")
     async def close_session(self, session_id: str, request: Request) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
 
 log = logging.getLogger(__name__)
 
+SCHEDULER_ACTOR_NAME = "mars-global-scheduler"
 SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
 ONE_SHOT_PREFIX = "req-"  # ids the ingress gives requests that name no session
 
@@ -94,6 +95,7 @@ class GlobalSchedulerImpl:
         self.alive: set[int] = set()
         self.loads: dict[int, EngineLoad] = {}
         self.tool_executors: dict[int, Any] = {}
+        self.node_ray_ids: dict[int, str] = {}
         self.tool_snapshots: dict[int, ToolPoolSnapshot] = {}
         self.sessions: dict[str, _Live] = {}
         self.summaries: list[SessionSummary] = []
@@ -103,9 +105,15 @@ class GlobalSchedulerImpl:
         self._tick_task: asyncio.Task[None] | None = None
 
     # -- registration ------------------------------------------------------------
-    def register_workers(self, workers: dict[int, Any], engine_nodes: dict[int, int]) -> None:
+    def register_workers(
+        self,
+        workers: dict[int, Any],
+        engine_nodes: dict[int, int],
+        node_ray_ids: dict[int, str] | None = None,
+    ) -> None:
         self.workers.update(workers)
         self.engine_nodes.update(engine_nodes)
+        self.node_ray_ids.update(node_ray_ids or {})
         for engine_id in workers:
             self.alive.add(engine_id)
             self.loads[engine_id] = EngineLoad(engine_id, engine_nodes[engine_id], 0.0, 0, 0)
@@ -140,6 +148,14 @@ class GlobalSchedulerImpl:
         """Wait until the turn may run; returns where. Opens unknown sessions."""
         if ask.session_id not in self.sessions:
             self.open_session(ask.session_id)
+            if ask.turn_index > 0:  # a session from before a scheduler restart
+                log.warning(
+                    "re-registering session %s at turn %d: its attained service and tool "
+                    "history were lost with the previous scheduler",
+                    ask.session_id,
+                    ask.turn_index,
+                )
+                self.sessions[ask.session_id].num_turns = ask.turn_index
         live = self._session(ask.session_id)
         if ask.turn_index < 0:  # "the next one"
             ask = dataclasses.replace(ask, turn_index=live.num_turns)
@@ -413,6 +429,20 @@ class GlobalSchedulerImpl:
         )
 
     # -- views -------------------------------------------------------------------------
+    def session_info(self, session_id: str) -> dict[str, Any]:
+        live = self._session(session_id)
+        state = self.cluster.sessions.get(session_id)
+        return {
+            "session_id": session_id,
+            "num_turns": live.num_turns,
+            "turn_in_flight": live.turn_in_flight,
+            "engine_id": live.engine_id,
+            "context_tokens": live.context_tokens,
+            "phase": "open" if state is None else state.phase.value,
+            "service_tokens": 0 if state is None else state.service_tokens,
+            "tool_s": live.tool_s,
+        }
+
     def status(self) -> dict[str, Any]:
         phases = {p.value: 0 for p in SessionPhase}
         for state in self.cluster.sessions.values():
@@ -442,13 +472,34 @@ class GlobalScheduler:
 
     def __init__(self, config: DeploymentConfig) -> None:
         self._impl = GlobalSchedulerImpl(config)
+        self._booted = False
+
+    async def _boot(self) -> None:
+        """Start the control tick; after a restart, find the live runtime by name (the
+        session table is gone: sessions re-register on their next turn)."""
+        if self._booted:
+            return
+        self._booted = True
+        if not self._impl.workers:
+            from mars_ray.cluster.launch import find_runtime
+
+            found = await asyncio.to_thread(find_runtime, self._impl.config)
+            if found is not None:
+                log.warning("scheduler restarted: found %d GPU workers", len(found.workers))
+                self._impl.register_workers(found.workers, found.engine_nodes, found.node_ray_ids)
+                self._impl.register_tool_executors(found.executors)
+        self._impl.start()
 
     async def ready(self) -> str:
-        self._impl.start()
+        await self._boot()
         return self._impl.incarnation
 
-    async def register_workers(self, workers: dict[int, Any], engine_nodes: dict[int, int]) -> None:
-        self._impl.register_workers(workers, engine_nodes)
+    async def register_workers(
+        self, workers: dict[int, Any], engine_nodes: dict[int, int], node_ray_ids: dict[int, str]
+    ) -> None:
+        self._booted = True  # registered by the launcher: nothing to discover
+        self._impl.register_workers(workers, engine_nodes, node_ray_ids)
+        self._impl.start()
 
     async def register_tool_executors(self, executors: dict[int, Any]) -> None:
         self._impl.register_tool_executors(executors)
@@ -457,6 +508,7 @@ class GlobalScheduler:
         return self._impl.open_session(session_id)
 
     async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
+        await self._boot()
         return await self._impl.begin_turn(ask)
 
     async def retry_turn(self, ask: TurnAsk, failed_engine_id: int, reason: str) -> TurnGrant:
@@ -475,15 +527,31 @@ class GlobalScheduler:
         return self._impl.tool_executor_for(session_id)
 
     async def tool_executor_failed(self, node: int, reason: str) -> None:
-        self._impl.tool_executor_failed(node, reason)
+        """Drop the dead executor and start a new one on its node if the node lives."""
+        from mars_ray.cluster.launch import ensure_tool_executors
+
+        impl = self._impl
+        impl.tool_executor_failed(node, reason)
+        ray_id = impl.node_ray_ids.get(node)
+        if ray_id is None:
+            return
+        gpus = sum(1 for n in impl.engine_nodes.values() if n == node)
+        try:
+            fresh = await asyncio.to_thread(
+                ensure_tool_executors, impl.config, {node: ray_id}, {node: gpus}
+            )
+        except Exception as exc:  # the node itself is gone: other nodes take its tools
+            log.warning("could not restart the tool executor of node %d: %r", node, exc)
+            return
+        impl.register_tool_executors(fresh)
 
     async def close_session(
         self, session_id: str, failed_reason: str | None = None
     ) -> SessionSummary:
         return self._impl.close_session(session_id, failed_reason)
 
-    async def has_session(self, session_id: str) -> bool:
-        return session_id in self._impl.sessions
+    async def session_info(self, session_id: str) -> dict[str, Any]:
+        return self._impl.session_info(session_id)
 
     async def summaries(self) -> list[SessionSummary]:
         return list(self._impl.summaries)
@@ -492,4 +560,5 @@ class GlobalScheduler:
         return self._impl.telemetry.render()
 
     async def status(self) -> dict[str, Any]:
+        await self._boot()
         return self._impl.status()

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from mars_ray.actors.config import DeploymentConfig
 from mars_ray.config import ClusterConfig, EngineConfig
@@ -59,6 +60,7 @@ def run_ray(
     faults: Sequence[Fault] = (),
     rate_per_s: float | None = None,
     seed: int = 0,
+    address: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Serve, replay ``sessions`` over HTTP, inject ``faults``; returns the run's result."""
@@ -74,9 +76,16 @@ def run_ray(
         placement_strategy="SPREAD" if cluster.num_nodes > 1 else "PACK",
         seed=seed,
     )
-    if any(f.kind == "remove-node" for f in faults) and cluster.num_nodes < 2:
-        raise ConfigError("--fault remove-node needs --nodes >= 2 (a node must survive)")
-    with running_deployment(config, num_nodes=cluster.num_nodes, port=_free_port()) as running:
+    if any(f.kind == "remove-node" for f in faults) and (cluster.num_nodes < 2 or address):
+        raise ConfigError(
+            "--fault remove-node needs the embedded multi-node Ray (--nodes >= 2, no --address)"
+        )
+    with running_deployment(
+        config,
+        address=address,
+        num_nodes=cluster.num_nodes if address is None else 1,
+        port=_free_port(),
+    ) as running:
         stop = threading.Event()
         injector = threading.Thread(
             target=_inject, args=(faults, running, stop), name="mars-faults", daemon=True
@@ -132,7 +141,8 @@ def _inject(faults: Sequence[Fault], running: object, stop: threading.Event) -> 
             return
         if fault.kind == "kill-gpu-worker":
             scheduler = ray.get_actor("mars-global-scheduler", namespace=NAMESPACE)
-            alive = ray.get(scheduler.status.remote())["alive_engines"]
+            status = cast(dict[str, Any], ray.get(scheduler.status.remote()))
+            alive = status["alive_engines"]
             if alive:
                 ray.kill(ray.get_actor(worker_name(alive[0]), namespace=NAMESPACE))
         elif fault.kind == "kill-tool-worker":

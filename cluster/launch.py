@@ -32,7 +32,6 @@ from mars_ray.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NAMESPACE = "mars"
-SCHEDULER_NAME = "mars-global-scheduler"
 PG_NAME = "mars-gpu-workers"
 READY_TIMEOUT_S = 120.0
 
@@ -82,6 +81,7 @@ def connect(
     os.environ.update(env)
     if num_nodes == 1:
         info = ray.init(
+            address="local",  # always a fresh Ray, never one that happens to be running
             num_cpus=cpus,
             num_gpus=num_gpus,
             namespace=NAMESPACE,
@@ -117,7 +117,7 @@ class RuntimeHandles:
 def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
     """Create the deployment's actors, or find them if they exist (idempotent)."""
     from mars_ray.actors.gpu_worker import GPUWorker
-    from mars_ray.actors.scheduler import GlobalScheduler
+    from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME, GlobalScheduler
 
     num_gpus = config.cluster.num_gpus
     pg = _placement_group(num_gpus, config.placement_strategy)
@@ -139,13 +139,16 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
         engine_nodes[engine_id] = node_index.setdefault(info["node_id"], len(node_index))
     node_ray_ids = {i: n for n, i in node_index.items()}
     scheduler = GlobalScheduler.options(
-        name=SCHEDULER_NAME,
+        name=SCHEDULER_ACTOR_NAME,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
-        scheduling_strategy=_here(),
+        scheduling_strategy=_head_node(),
     ).remote(config)
-    ray.get(scheduler.register_workers.remote(workers, engine_nodes), timeout=READY_TIMEOUT_S)
+    ray.get(
+        scheduler.register_workers.remote(workers, engine_nodes, node_ray_ids),
+        timeout=READY_TIMEOUT_S,
+    )
     gpus_on_node = {i: sum(1 for n in engine_nodes.values() if n == i) for i in node_ray_ids}
     executors = ensure_tool_executors(config, node_ray_ids, gpus_on_node)
     ray.get(scheduler.register_tool_executors.remote(executors), timeout=READY_TIMEOUT_S)
@@ -157,6 +160,45 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
         node_ray_ids,
         executors,
         min(i["max_context_tokens"] for i in infos),
+    )
+
+
+def find_runtime(config: DeploymentConfig) -> RuntimeHandles | None:
+    """Find the live actors of a deployment by name (a restarted scheduler rebuilds its
+    registry this way); None if no GPU worker is alive."""
+    from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME
+
+    try:
+        scheduler = ray.get_actor(SCHEDULER_ACTOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None  # not started yet
+    workers, infos = {}, {}
+    for engine_id in range(config.cluster.num_gpus):
+        try:
+            worker = ray.get_actor(worker_name(engine_id), namespace=NAMESPACE)
+            infos[engine_id] = ray.get(worker.ready.remote(), timeout=30)
+        except Exception:  # gone or dead: not part of the runtime any more
+            continue
+        workers[engine_id] = worker
+    if not workers:
+        return None
+    node_index: dict[str, int] = {}
+    engine_nodes = {
+        e: node_index.setdefault(info["node_id"], len(node_index)) for e, info in infos.items()
+    }
+    executors = {}
+    for index in node_index.values():
+        try:
+            executors[index] = ray.get_actor(executor_name(index), namespace=NAMESPACE)
+        except ValueError:
+            continue
+    return RuntimeHandles(
+        scheduler,
+        workers,
+        engine_nodes,
+        {i: n for n, i in node_index.items()},
+        executors,
+        min(i["max_context_tokens"] for i in infos.values()),
     )
 
 
@@ -205,14 +247,26 @@ def _placement_group(num_gpus: int, strategy: str) -> Any:
     return pg
 
 
-def _here() -> NodeAffinitySchedulingStrategy:
-    """Pin to the calling node (the scheduler lives beside the ingress / head)."""
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+def _head_node() -> NodeAffinitySchedulingStrategy:
+    """Pin to the head node: it outlives worker nodes (removal, scale-down), so the
+    single source of session state does not move with them. Soft: if the head cannot
+    be told apart, anywhere will do."""
+    head = next(
+        (
+            n["NodeID"]
+            for n in ray.nodes()
+            if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})
+        ),
+        ray.get_runtime_context().get_node_id(),
+    )
+    return NodeAffinitySchedulingStrategy(head, soft=True)
 
 
 def teardown_runtime(num_gpus: int) -> None:
     """Kill the deployment's named actors and release its GPUs."""
-    names = [SCHEDULER_NAME, *(worker_name(i) for i in range(num_gpus))]
+    from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME
+
+    names = [SCHEDULER_ACTOR_NAME, *(worker_name(i) for i in range(num_gpus))]
     names += [executor_name(i) for i in range(num_gpus)]
     for name in names:
         with contextlib.suppress(ValueError):

@@ -87,6 +87,7 @@ class BenchConfig(FrozenConfig):
         10.0, gt=0, description="ray runtime: simulated seconds per wall second"
     )
     faults: tuple[str, ...] = Field((), description="ray runtime: KIND@SECONDS fault injections")
+    address: str | None = Field(None, description="ray runtime: join this Ray cluster")
     alpha: float = Field(DEFAULT_ALPHA, description="goodput slowdown bound for table and plots")
 
     @model_validator(mode="before")
@@ -127,6 +128,8 @@ class BenchConfig(FrozenConfig):
             raise _bad(f"--sessions must be >= 1, got {self.num_sessions}")
         if self.num_gpus % self.num_nodes:
             raise _bad(f"--gpus ({self.num_gpus}) must be a multiple of --nodes ({self.num_nodes})")
+        if self.address is not None and self.runtime != "ray":
+            raise _bad("--address needs --runtime ray")
         if self.faults:
             from mars_ray.cluster.bench_runtime import parse_fault
 
@@ -186,6 +189,8 @@ def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = Non
         args += ["--time-scale", f"{config.time_scale:g}"]
         for fault in config.faults:
             args += ["--fault", fault]
+        if config.address is not None:
+            args += ["--address", config.address]
     args += ["--alpha", f"{config.alpha:g}"]
     return shlex.join(args)
 
@@ -498,6 +503,7 @@ def _run_one(
             engine=plan.engine,
             time_scale=config.time_scale,
             faults=[parse_fault(f) for f in config.faults],
+            address=config.address,
             rate_per_s=point.rate_per_s,
             seed=config.seed,
             on_progress=on_progress,
@@ -827,6 +833,10 @@ def bench_command(
             "kill-tool-worker, remove-node); repeatable",
         ),
     ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="ray: join this Ray cluster (e.g. auto), not a local one"),
+    ] = None,
     cpu_cores_per_gpu: Annotated[
         int, typer.Option("--cpu-cores-per-gpu", help="tool-pool CPU cores per GPU")
     ] = DEFAULT_CPU_CORES_PER_GPU,
@@ -856,6 +866,7 @@ def bench_command(
         runtime=runtime,
         time_scale=time_scale,
         faults=tuple(fault or ()),
+        address=address,
         alpha=alpha,
     )
     console = Console(stderr=True) if as_json else Console()

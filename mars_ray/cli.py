@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         raise SystemExit(130) from None
     except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
+        # typer >= 0.29 vendors its own click: match the exception by its interface,
+        # not by click's class, so both kinds print one line instead of a traceback.
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            raise SystemExit(exit_code) from None
         raise
