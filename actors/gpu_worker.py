@@ -76,6 +76,16 @@ class GPUWorker:
         async for item in self._impl.runner.generate(work):
             yield item
 
+    async def run_turn(self, work: TurnWork) -> tuple[list[int], TurnDone]:
+        """One turn in one call (for non-streaming requests): its token ids and end."""
+        ids: list[int] = []
+        async for item in self._impl.runner.generate(work):
+            if isinstance(item, TokenChunk):
+                ids.extend(item.token_ids)
+            else:
+                return ids, item
+        raise RuntimeError(f"turn {work.request_id} ended without a TurnDone")
+
     async def snapshot(self) -> EngineSnapshot:
         return self._impl.runner.snapshot()
 

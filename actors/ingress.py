@@ -135,8 +135,7 @@ class _Turn:
         )
 
     async def tokens(self) -> AsyncIterator[list[int]]:
-        """Token ids as they are sampled; a retry skips what was already sent."""
-        scheduler = self.ingress.scheduler
+        """Token ids as they are sampled (streaming); a retry skips what was sent."""
         num_sent = 0
         finished = False
         try:
@@ -148,40 +147,70 @@ class _Turn:
                     async for ref in stream:
                         item = await ref
                         if isinstance(item, TokenChunk):
-                            skip = max(0, num_sent - item.first_index)
-                            fresh = list(item.token_ids[skip:])
+                            fresh = list(item.token_ids[max(0, num_sent - item.first_index) :])
                             if fresh:
                                 num_sent += len(fresh)
                                 yield fresh
                         else:
                             self.done = item
                 except RayActorError as exc:
-                    log.warning(
-                        "turn %s/%d lost its worker: %r",
-                        self.ask.session_id,
-                        self.grant.turn_index,
-                        exc,
-                    )
-                    self.grant = await self.ingress._call(
-                        scheduler.retry_turn.remote(self._ask(), self.grant.engine_id, repr(exc))
-                    )
-            done = self.done
-            report = TurnReport(
-                session_id=self.grant.session_id,
-                turn_index=self.grant.turn_index,
-                engine_id=done.engine_id,
-                service_tokens=done.service_tokens,
-                service_s=done.service_s,
-                prompt_tokens=done.prompt_tokens,
-                output_tokens=done.output_tokens,
-                ttft_s=done.ttft_s,
-                is_last_turn=self.ask.is_last_turn,
-            )
-            await self.ingress._call(scheduler.end_turn.remote(report))
+                    await self._retry(exc)
+            self._report_end()
             finished = True
         finally:
-            if not finished:  # the client went away or the turn failed: release the turn
-                scheduler.abandon_turn.remote(self.grant.session_id, self.grant.turn_index)
+            if not finished:
+                self._abandon()
+
+    async def collect(self) -> list[int]:
+        """The whole turn in one call per attempt (non-streaming requests)."""
+        finished = False
+        try:
+            while self.done is None:
+                try:
+                    ids, self.done = await self.grant.worker.run_turn.remote(self._work())
+                except RayActorError as exc:
+                    await self._retry(exc)
+            self._report_end()
+            finished = True
+            return ids
+        finally:
+            if not finished:
+                self._abandon()
+
+    async def _retry(self, exc: BaseException) -> None:
+        log.warning(
+            "turn %s/%d lost its worker: %r", self.ask.session_id, self.grant.turn_index, exc
+        )
+        self.grant = await self.ingress._call(
+            self.ingress.scheduler.retry_turn.remote(self._ask(), self.grant.engine_id, repr(exc))
+        )
+
+    def _report_end(self) -> None:
+        """Tell the scheduler the turn ended without making the client wait for it: the
+        call is submitted now (so it is ordered before this replica's later calls) and
+        a next turn that overtakes it from elsewhere waits for it (TURN_END_GRACE_S)."""
+        done = self.done
+        assert done is not None
+        report = TurnReport(
+            session_id=self.grant.session_id,
+            turn_index=self.grant.turn_index,
+            engine_id=done.engine_id,
+            service_tokens=done.service_tokens,
+            service_s=done.service_s,
+            prompt_tokens=done.prompt_tokens,
+            output_tokens=done.output_tokens,
+            ttft_s=done.ttft_s,
+            is_last_turn=self.ask.is_last_turn,
+        )
+        ref = self.ingress.scheduler.end_turn.remote(report)
+        _background(ref, f"end of turn {report.session_id}/{report.turn_index}")
+
+    def _abandon(self) -> None:
+        """The client went away or the turn failed: release the turn."""
+        ref = self.ingress.scheduler.abandon_turn.remote(
+            self.grant.session_id, self.grant.turn_index
+        )
+        _background(ref, f"abandon of {self.grant.session_id}/{self.grant.turn_index}")
 
     def _ask(self) -> TurnAsk:
         a = self.ask
@@ -225,6 +254,23 @@ class _Turn:
                 num_preemptions=done.num_preemptions,
             )
         return info
+
+
+_pending: set[asyncio.Task[Any]] = set()
+
+
+def _background(ref: Any, what: str) -> None:
+    """Await an actor call in the background and log (never lose) its failure."""
+
+    async def wait() -> None:
+        try:
+            await ref
+        except Exception as exc:
+            log.warning("%s failed: %r", what, exc)
+
+    task = asyncio.get_running_loop().create_task(wait())
+    _pending.add(task)  # keep a reference until done
+    task.add_done_callback(_pending.discard)
 
 
 def _text(ids: list[int]) -> str:
@@ -491,9 +537,7 @@ class Ingress:
                 media_type="text/event-stream",
                 headers={"x-session-id": sid},
             )
-        ids: list[int] = []
-        async for chunk in turn.tokens():
-            ids.extend(chunk)
+        ids = await turn.collect()
         return JSONResponse(
             _full_response(rid, kind, self.config.model_name, turn, ids),
             headers={"x-session-id": sid},

@@ -19,6 +19,7 @@ and logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULER_ACTOR_NAME = "mars-global-scheduler"
 SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
+TURN_END_GRACE_S = 1.0  # wall seconds a turn waits for its predecessor's end report
 ONE_SHOT_PREFIX = "req-"  # ids the ingress gives requests that name no session
 
 
@@ -74,7 +76,7 @@ class _Live:
     attempt: int = 0
     placed: asyncio.Future[Placement] | None = None
     closed: bool = False
-    events: list[str] = field(default_factory=list)
+    turn_ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class GlobalSchedulerImpl:
@@ -157,12 +159,10 @@ class GlobalSchedulerImpl:
                 )
                 self.sessions[ask.session_id].num_turns = ask.turn_index
         live = self._session(ask.session_id)
+        if live.turn_in_flight is not None:
+            await self._wait_turn_end(live)
         if ask.turn_index < 0:  # "the next one"
             ask = dataclasses.replace(ask, turn_index=live.num_turns)
-        if live.turn_in_flight is not None:
-            raise SessionError(
-                f"session {ask.session_id!r} already has turn {live.turn_in_flight} running"
-            )
         if ask.turn_index != live.num_turns:
             raise SessionError(
                 f"session {ask.session_id!r} expects turn {live.num_turns}, got {ask.turn_index}"
@@ -172,6 +172,7 @@ class GlobalSchedulerImpl:
             placement = await self._place(live, ask)
         except BaseException:
             live.turn_in_flight = None
+            live.turn_ended.set()
             state = self.cluster.sessions.get(live.session_id)
             if state is not None and state.phase is SessionPhase.QUEUED:
                 self._start_all(
@@ -182,6 +183,19 @@ class GlobalSchedulerImpl:
             raise
         self.num_decisions += 1
         return self._grant(live, ask, placement.engine_id)
+
+    async def _wait_turn_end(self, live: _Live) -> None:
+        """The ingress reports a turn's end without waiting for the answer, so the next
+        turn may overtake it (another replica, a fast client): give it a moment."""
+        deadline = time.monotonic() + TURN_END_GRACE_S
+        while live.turn_in_flight is not None and time.monotonic() < deadline:
+            live.turn_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.turn_ended.wait(), deadline - time.monotonic())
+        if live.turn_in_flight is not None:
+            raise SessionError(
+                f"session {live.session_id!r} already has turn {live.turn_in_flight} running"
+            )
 
     async def _place(self, live: _Live, ask: TurnAsk) -> Placement:
         now_s = self.now_s()
@@ -251,6 +265,7 @@ class GlobalSchedulerImpl:
         if live is None or live.turn_in_flight != turn_index:
             return
         live.turn_in_flight = None
+        live.turn_ended.set()
         if session_id.startswith(ONE_SHOT_PREFIX):
             self.close_session(session_id, failed_reason="client went away")
 
@@ -260,6 +275,7 @@ class GlobalSchedulerImpl:
             raise SessionError(f"session {report.session_id!r} has no turn {report.turn_index}")
         live.ideal_gpu_s += self._isolated_turn_s(live, report)
         live.turn_in_flight = None
+        live.turn_ended.set()
         live.num_turns += 1
         live.context_tokens = report.context_tokens
         live.turn_ended_s = self.now_s()

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
@@ -77,8 +77,10 @@ def connect(
         raise ConfigError(f"--gpus ({num_gpus}) must be a multiple of --nodes ({num_nodes})")
     # Ray actors reserve CPUs; ours reserve 0, but Serve's replicas and tasks need some.
     cpus = num_cpus_per_node or max(4, os.cpu_count() or 1)
-    env = {"RAY_DEDUP_LOGS": "0"}
-    os.environ.update(env)
+    # Ray Serve's documented low-overhead mode (user code on the replica's main loop,
+    # buffered access logs): it roughly halves what the ingress adds to a turn here.
+    # Workers inherit the driver's environment; on KubeRay the manifests set it.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     if num_nodes == 1:
         info = ray.init(
             address="local",  # always a fresh Ray, never one that happens to be running
@@ -172,11 +174,12 @@ def find_runtime(config: DeploymentConfig) -> RuntimeHandles | None:
         scheduler = ray.get_actor(SCHEDULER_ACTOR_NAME, namespace=NAMESPACE)
     except ValueError:
         return None  # not started yet
-    workers, infos = {}, {}
+    workers: dict[int, Any] = {}
+    infos: dict[int, dict[str, Any]] = {}
     for engine_id in range(config.cluster.num_gpus):
         try:
             worker = ray.get_actor(worker_name(engine_id), namespace=NAMESPACE)
-            infos[engine_id] = ray.get(worker.ready.remote(), timeout=30)
+            infos[engine_id] = cast(dict[str, Any], ray.get(worker.ready.remote(), timeout=30))
         except Exception:  # gone or dead: not part of the runtime any more
             continue
         workers[engine_id] = worker

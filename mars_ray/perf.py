@@ -135,3 +135,70 @@ def register(app: typer.Typer) -> None:
                 }
             )
         )
+
+    @perf.command("runtime")
+    def runtime(
+        turns: int = typer.Option(60, min=5, help="sequential turns timed each way"),
+        sessions: int = typer.Option(3000, min=100, help="sessions for the decision rate"),
+        concurrency: int = typer.Option(64, min=1, help="concurrent scheduler callers"),
+    ) -> None:
+        """Ray runtime: per-turn overhead of ingress + scheduler, and decisions/s."""
+        from mars_ray.cluster.perf_runtime import measure_decisions, measure_overhead
+
+        overhead = measure_overhead(num_turns=turns)
+        rate = measure_decisions(num_sessions=sessions, concurrency=concurrency)
+        print(
+            json.dumps(
+                {
+                    "turn_direct_median_ms": round(overhead.direct_ms, 2),
+                    "turn_served_median_ms": round(overhead.served_ms, 2),
+                    "added_median_ms": round(overhead.added_ms, 2),
+                    "added_target_ms": 5.0,
+                    "turn_direct_p90_ms": round(overhead.p90_direct_ms, 2),
+                    "turn_served_p90_ms": round(overhead.p90_served_ms, 2),
+                    "decisions_per_s": round(rate.per_s, 1),
+                    "decisions_target_per_s": 500,
+                    "decisions": rate.num_decisions,
+                    "concurrency": rate.concurrency,
+                }
+            )
+        )
+
+    @perf.command("agreement")
+    def agreement(
+        policies: str = typer.Option("fcfs,mars", help="comma-separated policy names"),
+        workload: str = typer.Option("swe"),
+        sessions: int = typer.Option(8, min=1),
+        rate: float = typer.Option(0.05, min=0.0001, help="sessions/s"),
+        gpus: int = typer.Option(1, min=1),
+        time_scale: float = typer.Option(10.0, min=0.1, help="simulated s per wall s (ray)"),
+        seed: int = typer.Option(0),
+    ) -> None:
+        """Mean JCT of the same trace through --runtime ray and --runtime sim."""
+        from mars_ray.cluster.perf_runtime import measure_agreement
+
+        for a in measure_agreement(
+            [p for p in policies.split(",") if p],
+            workload=workload,
+            num_sessions=sessions,
+            rate_per_s=rate,
+            num_gpus=gpus,
+            time_scale=time_scale,
+            seed=seed,
+        ):
+            print(
+                json.dumps(
+                    {
+                        "policy": a.policy,
+                        "sessions": a.num_sessions,
+                        "sim_mean_jct_s": round(a.sim_mean_jct_s, 2),
+                        "ray_mean_jct_s": round(a.ray_mean_jct_s, 2),
+                        "ray_over_sim": round(a.ratio, 3),
+                        "within_15pct": abs(a.ratio - 1) <= 0.15,
+                        "completed_sim": a.sim_completed,
+                        "completed_ray": a.ray_completed,
+                        "ray_wall_s": round(a.ray_wall_s, 1),
+                    }
+                ),
+                flush=True,
+            )

@@ -27,19 +27,30 @@ from typing import Any, Protocol, TypeVar
 class SchedulableRequest(Protocol):
     """What a scheduler policy may read of an engine's request (one turn of a session).
 
-    Engines own the object; policies read these attributes and keep their own
+    Engines own the object; policies read these attributes (read-only properties
+    here, so an engine may compute them, as vLLM's adapter does) and keep their own
     per-request state in ``policy_state`` (set by :meth:`SchedulerPolicy.on_added`).
     """
 
-    request_id: str
-    session_id: str
-    turn_index: int
-    arrival_s: float  # when this turn reached the engine
-    session_arrival_s: float  # when the session arrived in the system
-    num_prompt_tokens: int
-    num_tokens: int  # prompt + generated so far: what the KV must eventually cover
-    num_computed_tokens: int  # tokens whose KV is computed
-    num_output_tokens: int  # generated so far in this turn
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def turn_index(self) -> int: ...
+    @property
+    def arrival_s(self) -> float: ...  # when this turn reached the engine
+    @property
+    def session_arrival_s(self) -> float: ...  # when the session arrived in the system
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...  # prompt + generated so far: what the KV must cover
+    @property
+    def num_computed_tokens(self) -> int: ...  # tokens whose KV is computed
+    @property
+    def num_output_tokens(self) -> int: ...  # generated so far in this turn
+
     session_service_tokens: int  # attained service (tokens) of the session before this turn
     session_service_s: float  # GPU time the session has been scheduled in so far
     policy_state: Any
@@ -104,13 +115,18 @@ class SchedulerPolicy(ABC):
        the cap (work conservation: a request alone is never slowed by quanta).
     2. When KV allocation fails for a prefill chunk and :attr:`shrink_chunks` is
        set, the engine halves the chunk down to one block before preempting.
-    3. Otherwise it preempts :meth:`choose_victim` among the running requests,
-       calls :meth:`on_preempted` and re-queues the victim with ``prepend``.
+    3. Otherwise it preempts :meth:`choose_victim` among the running requests
+       (the largest :meth:`victim_rank`), calls :meth:`on_preempted` and re-queues
+       the victim with ``prepend``.
     4. After the step is planned, :meth:`on_scheduled` gets each request's tokens.
     """
 
     #: halve prefill chunks on allocation failure before preempting anyone
     shrink_chunks: bool = False
+    #: :meth:`victim_rank` is not the default newest-first order. An engine whose own
+    #: preemption already takes the newest running request (vLLM's) need only apply
+    #: the rank when this is set.
+    custom_victim_order: bool = False
 
     @abstractmethod
     def make_waiting_queue(self) -> WaitingQueue:
@@ -132,9 +148,20 @@ class SchedulerPolicy(ABC):
     ) -> None:
         """``num_tokens`` of ``request`` were scheduled in this step."""
 
-    @abstractmethod
+    def victim_rank(self, request: SchedulableRequest, now_s: float) -> tuple[Any, ...]:
+        """Preemption order of a running request: the largest rank is preempted first.
+
+        Ranks of the requests running at ``now_s`` are compared with each other
+        only. Default: ``(arrival_s,)``, the newest turn first (vLLM's FCFS victim).
+        Engines may sort by it once per step instead of calling :meth:`choose_victim`
+        per preemption, so it must not change while a step is planned.
+        """
+        return (request.arrival_s,)
+
     def choose_victim(self, running: Sequence[R], now_s: float) -> R:
-        """The running request to preempt when KV runs out (``running`` is non-empty)."""
+        """The running request to preempt when KV runs out (``running`` is non-empty):
+        the first with the largest :meth:`victim_rank`."""
+        return max(running, key=lambda r: self.victim_rank(r, now_s))
 
     def on_preempted(self, request: SchedulableRequest, now_s: float) -> None:  # noqa: B027
         """``request`` lost its KV and goes back to the waiting queue."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mars_ray.policies.base import R, SchedulableRequest, SchedulerPolicy, WaitingQueue
@@ -16,12 +15,14 @@ class FcfsScheduler(SchedulerPolicy):
     def make_waiting_queue(self) -> WaitingQueue:
         return FifoQueue()
 
-    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
-        return max(running, key=lambda r: r.arrival_s)
-
 
 class ProgramFcfsScheduler(SchedulerPolicy):
-    """Program-level FCFS (Continuum): whole sessions in order of session arrival."""
+    """Program-level FCFS (Continuum): whole sessions in order of session arrival.
+
+    Victim: the newest session's newest turn.
+    """
+
+    custom_victim_order = True
 
     def make_waiting_queue(self) -> WaitingQueue:
         return LeveledQueue(1, _by_session_arrival, _never, _no_promotion)
@@ -30,8 +31,8 @@ class ProgramFcfsScheduler(SchedulerPolicy):
         requests.sort(key=lambda r: r.session_arrival_s)
         return requests
 
-    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
-        return max(running, key=lambda r: (r.session_arrival_s, r.arrival_s))
+    def victim_rank(self, request: SchedulableRequest, now_s: float) -> tuple[float, float]:
+        return (request.session_arrival_s, request.arrival_s)
 
 
 def _by_session_arrival(request: SchedulableRequest, now_s: float) -> tuple[int, float]:
@@ -60,6 +61,8 @@ class PlasScheduler(SchedulerPolicy):
     least ``starvation_ratio`` x its session's attained service time jumps to
     level 0 (anti-starvation). Victim: lowest priority (highest level), newest.
     """
+
+    custom_victim_order = True
 
     def __init__(
         self,
@@ -106,5 +109,5 @@ class PlasScheduler(SchedulerPolicy):
     def on_preempted(self, request: SchedulableRequest, now_s: float) -> None:
         request.policy_state.level = self.level_of(self._attained(request))
 
-    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
-        return max(running, key=lambda r: (self.level_of(self._attained(r)), r.arrival_s))
+    def victim_rank(self, request: SchedulableRequest, now_s: float) -> tuple[int, float]:
+        return (self.level_of(self._attained(request)), request.arrival_s)

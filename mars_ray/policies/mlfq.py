@@ -5,7 +5,6 @@ is also the preemption (eviction) order, with chunk shrinking (DESIGN section 4)
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mars_ray.config import MlfqConfig
@@ -53,6 +52,7 @@ class MlfqScheduler(SchedulerPolicy):
         self._last_level = config.num_levels - 1
         self.shrink_chunks = shrink_chunks
         self._unified_eviction = unified_eviction
+        self.custom_victim_order = unified_eviction
 
     # -- levels ---------------------------------------------------------------
     def bucket_level(self, remaining_prefill_tokens: int) -> int:
@@ -110,18 +110,16 @@ class MlfqScheduler(SchedulerPolicy):
         else:
             state.level = 0
 
-    def choose_victim(self, running: Sequence[R], now_s: float) -> R:
+    def victim_rank(
+        self, request: SchedulableRequest, now_s: float
+    ) -> tuple[int, bool, float] | tuple[float]:
         if not self._unified_eviction:
-            return max(running, key=lambda r: r.arrival_s)
-        return max(running, key=_victim_key)
+            return (request.arrival_s,)
+        state: MlfqState = request.policy_state
+        return (state.level, request.is_prefilling and not state.resuming, request.arrival_s)
 
     def on_preempted(self, request: SchedulableRequest, now_s: float) -> None:
         state: MlfqState = request.policy_state
         state.feedback_level = 0
         state.level = 0
         state.resuming = True
-
-
-def _victim_key(request: SchedulableRequest) -> tuple[int, bool, float]:
-    state: MlfqState = request.policy_state
-    return (state.level, request.is_prefilling and not state.resuming, request.arrival_s)

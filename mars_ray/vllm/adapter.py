@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.request import Request
 
 from mars_ray.policies.base import WaitingQueue
-from mars_ray.vllm.hints import HINTS_KEY, HintError, SessionHints, one_turn_session, parse_hints
+from mars_ray.vllm.hints import (
+    HintError,
+    SessionHints,
+    carries_hints,
+    one_turn_session,
+    parse_hints,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ def hints_of(request: Request) -> tuple[SessionHints, bool]:
     except HintError as exc:
         logger.warning("request %s: ignoring session hints: %s", request.request_id, exc)
         return one_turn_session(request.request_id), False
-    return hints, bool(extra) and HINTS_KEY in extra
+    return hints, carries_hints(extra)
 
 
 class RequestView:
@@ -47,6 +52,7 @@ class RequestView:
         "block_size",
         "hinted",
         "hints",
+        "num_rewound_tokens",
         "policy_state",
         "request",
         "session_service_s",
@@ -68,6 +74,11 @@ class RequestView:
         self.session_service_tokens = session_service_tokens
         self.session_service_s = 0.0
         self.policy_state: Any = None
+        # vLLM advances num_computed_tokens inside schedule(); the policy's feedback
+        # (on_scheduled) wants the count the step started from. The scheduler sets
+        # this to the step's tokens around that call: a rewind in place, cheaper than
+        # a snapshot per request per step. 0 at all other times.
+        self.num_rewound_tokens = 0
 
     @property
     def request_id(self) -> str:
@@ -99,7 +110,7 @@ class RequestView:
 
     @property
     def num_computed_tokens(self) -> int:
-        return self.request.num_computed_tokens
+        return self.request.num_computed_tokens - self.num_rewound_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -108,56 +119,12 @@ class RequestView:
     @property
     def num_blocks(self) -> int:
         """Blocks covering the computed tokens (prefix-cache hits included)."""
-        return -(-self.request.num_computed_tokens // self.block_size)
+        return -(-self.num_computed_tokens // self.block_size)
 
     @property
     def is_prefilling(self) -> bool:
         """More than one token left to compute (a decode step computes one)."""
-        return self.request.num_tokens - self.request.num_computed_tokens > 1
-
-
-@dataclass(slots=True)
-class ScheduledSnapshot:
-    """A view frozen at its pre-step token count, for ``SchedulerPolicy.on_scheduled``.
-
-    vLLM advances ``num_computed_tokens`` inside ``schedule()``; the policy's
-    feedback wants the count the step started from. ``policy_state`` is shared.
-    """
-
-    request_id: str
-    session_id: str
-    turn_index: int
-    arrival_s: float
-    session_arrival_s: float
-    num_prompt_tokens: int
-    num_tokens: int
-    num_computed_tokens: int
-    num_output_tokens: int
-    session_service_tokens: int
-    session_service_s: float
-    policy_state: Any
-    num_blocks: int
-    is_prefilling: bool
-
-    @classmethod
-    def before_step(cls, view: RequestView, num_scheduled_tokens: int) -> ScheduledSnapshot:
-        computed = view.num_computed_tokens - num_scheduled_tokens
-        return cls(
-            request_id=view.request_id,
-            session_id=view.session_id,
-            turn_index=view.turn_index,
-            arrival_s=view.arrival_s,
-            session_arrival_s=view.session_arrival_s,
-            num_prompt_tokens=view.num_prompt_tokens,
-            num_tokens=view.num_tokens,
-            num_computed_tokens=computed,
-            num_output_tokens=view.num_output_tokens,
-            session_service_tokens=view.session_service_tokens,
-            session_service_s=view.session_service_s,
-            policy_state=view.policy_state,
-            num_blocks=-(-computed // view.block_size),
-            is_prefilling=view.num_tokens - computed > 1,
-        )
+        return self.request.num_tokens - self.num_computed_tokens > 1
 
 
 class PolicyRequestQueue(RequestQueue):

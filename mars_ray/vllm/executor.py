@@ -256,11 +256,15 @@ class SimulatedExecutor(Executor):
     def take_draft_token_ids(self) -> None:
         return None
 
+    def supports_draft_weight_updates(self) -> bool:
+        """No draft model (asked by the multiprocess engine core at start-up)."""
+        return False
+
     def execute_dummy_batch(self) -> None:
         """No model: a dummy batch (data-parallel padding) costs nothing."""
 
     # -- plumbing ------------------------------------------------------------
-    def collective_rpc(  # type: ignore[override]
+    def collective_rpc(
         self,
         method: str | Callable[..., Any],
         timeout: float | None = None,
@@ -304,6 +308,9 @@ _NOOP_RPCS = frozenset(
 )
 
 
-def _kv_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """The KV dtype to size pages with (CPU runs may resolve the model to float32)."""
-    return model_dtype if model_dtype.is_floating_point else torch.bfloat16
+def _kv_dtype(model_dtype: torch.dtype | str) -> torch.dtype:
+    """The KV dtype to size pages with (CPU runs may resolve the model to float32;
+    ``ModelConfig`` has resolved a dtype name to a ``torch.dtype`` by now)."""
+    if isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point:
+        return model_dtype
+    return torch.bfloat16

@@ -10,17 +10,20 @@ unchanged; MARS acts through five narrow overrides:
    :class:`~mars_ray.vllm.adapter.PolicyRequestQueue` over the policy's waiting
    queue (MLFQ levels, continuations first, aging), refreshed before each pass.
 2. **Victim order** - vLLM's FCFS branch preempts ``self.running.pop()``, the last
-   running request. Before each pass the running list is sorted so that its last
-   element is the MARS victim (``max`` by level, fresh prefill, arrival); as vLLM
-   schedules running requests front to back, higher priorities get budget first.
+   running request. When the policy has a ``custom_victim_order``, the running
+   list is sorted before each pass by the policy's ``victim_rank`` so that its
+   last element is the policy's victim (MARS: ``max`` by level, fresh prefill,
+   arrival); as vLLM schedules running requests front to back, higher priorities
+   get budget first. Other policies keep vLLM's order (newest admitted last).
 3. **Chunk quanta and shrinking** - ``_reserve_prefill_lookahead`` is the last
-   place vLLM trims a chunk before ``allocate_slots``. There the MLFQ quantum caps
-   a prefill chunk while other requests compete, and a running prefill whose chunk
-   does not fit in the free blocks is halved (down to one block) before vLLM would
-   preempt anyone.
+   place vLLM trims a chunk before ``allocate_slots``. There the policy's
+   ``chunk_quantum_tokens`` (MLFQ: the level's quantum) caps a prefill chunk while
+   other requests compete, and a running prefill whose chunk does not fit in the
+   free blocks is halved (down to one block) before vLLM would preempt anyone.
 4. **Feedback** - after ``schedule()`` the policy's ``on_scheduled`` sees each
-   request's tokens (demotion); ``_preempt_request`` first tells the policy (the
-   victim re-enters level 0 at the front).
+   request's tokens (demotion), the view rewound to its pre-step token count;
+   ``_preempt_request`` first tells the policy (the victim re-enters level 0 at
+   the front).
 5. **Retention** - when a turn ends, ``_free_request_blocks`` asks the retention
    policy; sessions not expected back soon (or on their last turn) have their
    freed blocks moved to the evict-first end of vLLM's free-block queue.
@@ -60,9 +63,9 @@ from mars_ray.clock import Clock, WallClock
 from mars_ray.engine.costmodel import CostModel
 from mars_ray.errors import ConfigError
 from mars_ray.policies.base import RetentionAction, SchedulerPolicy, TurnEndContext
-from mars_ray.policies.mlfq import MlfqScheduler, MlfqState
 from mars_ray.policies.registry import PolicyConfig, get_policy
-from mars_ray.vllm.adapter import PolicyRequestQueue, RequestView, ScheduledSnapshot, hints_of
+from mars_ray.vllm import validation
+from mars_ray.vllm.adapter import PolicyRequestQueue, RequestView, hints_of
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +78,8 @@ class MarsFeatures:
     """Which MARS overrides are active (each also needs the policy to ask for it)."""
 
     policy_queue: bool = True  # waiting queue ordered by the policy
-    victim_order: bool = True  # preempt in MARS priority order (MLFQ policies)
-    chunk_quanta: bool = True  # cap prefill chunks by the MLFQ quantum under contention
+    victim_order: bool = True  # preempt in the policy's victim_rank order
+    chunk_quanta: bool = True  # cap prefill chunks by the policy's quantum under contention
     shrink_chunks: bool = True  # halve chunks before preempting (if the policy shrinks)
     retention: bool = True  # order freed blocks by the retention decision
 
@@ -121,16 +124,6 @@ class MarsSchedulerSettings:
         )
 
 
-def mlfq_victim_key(view: RequestView) -> tuple[int, bool, float]:
-    """MARS victim order of :class:`MlfqScheduler` (larger = preempted first).
-
-    Mirrors ``MlfqScheduler.choose_victim``'s documented key (level, fresh prefill,
-    arrival); ``tests/vllm/test_scheduler.py`` checks that they agree.
-    """
-    state: MlfqState = view.policy_state
-    return (state.level, view.is_prefilling and not state.resuming, view.arrival_s)
-
-
 class MarsScheduler(AsyncScheduler):
     """vLLM's async scheduler with the MARS policy core choosing order and eviction."""
 
@@ -148,17 +141,21 @@ class MarsScheduler(AsyncScheduler):
         self._cost = CostModel.from_names(self.settings.gpu, self.settings.model)
         self._views: dict[str, RequestView] = {}
         self._session_service_tokens: dict[str, int] = {}
-        self._init_features(spec.name)
+        self._init_features()
+        if not validation.is_registered(self.vllm_config.model_config.logits_processors):
+            logger.info(
+                "MarsScheduler: session hints are not validated at the API; add "
+                "logits_processors=[%r] to answer malformed hints with HTTP 400",
+                validation.VALIDATOR_FQCN,
+            )
         self.num_shrunk_chunks = 0
         self.retention_actions: Counter[RetentionAction] = Counter()
 
-    def _init_features(self, policy_name: str) -> None:
+    def _init_features(self) -> None:
         features, policy = self.settings.features, self.policy_core
-        is_mlfq = isinstance(policy, MlfqScheduler)
-        self._victim_order = (
-            features.victim_order and is_mlfq and policy_name != "mars-no-unified-eviction"
-        )
-        self._chunk_quanta = features.chunk_quanta and is_mlfq
+        # newest-first victims are vLLM's own order: sorting would only cost time
+        self._victim_order = features.victim_order and policy.custom_victim_order
+        self._chunk_quanta = features.chunk_quanta
         single_group = len(self.kv_cache_config.kv_cache_groups) == 1
         self._shrink_chunks = features.shrink_chunks and policy.shrink_chunks and single_group
         self._retention = features.retention
@@ -192,32 +189,37 @@ class MarsScheduler(AsyncScheduler):
 
     # -- one scheduling pass ---------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        for queue in (self.waiting, self.skipped_waiting):
-            if isinstance(queue, PolicyRequestQueue):
-                queue.refresh()
-        if self._victim_order and len(self.running) > 1:
-            self.running.sort(key=self._running_key)
+        self._prepare_pass()
         output = super().schedule(throttle_prefills)
         self._feed_back(output)
         return output
 
-    def _running_key(self, request: Request) -> tuple[int, bool, float]:
-        view = self._views.get(request.request_id)
-        return mlfq_victim_key(view) if view is not None else (0, False, request.arrival_time)
+    def _prepare_pass(self) -> None:
+        """Aging in the waiting queues; the policy's victim last in ``running``,
+        where vLLM's preemption pops it."""
+        for queue in (self.waiting, self.skipped_waiting):
+            if isinstance(queue, PolicyRequestQueue):
+                queue.refresh()
+        if self._victim_order and len(self.running) > 1:
+            views, rank, now_s = self._views, self.policy_core.victim_rank, self._now_s()
+            # every running request came through add_request, so it has a view
+            self.running.sort(key=lambda request: rank(views[request.request_id], now_s))
 
     def _feed_back(self, output: SchedulerOutput) -> None:
-        now_s = self._now_s()
+        """The policy's ``on_scheduled`` for every scheduled request (runs each step)."""
+        now_s, views, on_scheduled = self._now_s(), self._views, self.policy_core.on_scheduled
+        served = self._session_service_tokens
         for req_id, num_tokens in output.num_scheduled_tokens.items():
-            view = self._views.get(req_id)
+            view = views.get(req_id)
             if view is None:
                 continue
-            self.policy_core.on_scheduled(
-                ScheduledSnapshot.before_step(view, num_tokens), num_tokens, now_s
-            )
-            session = view.session_id
-            self._session_service_tokens[session] = (
-                self._session_service_tokens.get(session, 0) + num_tokens
-            )
+            view.num_rewound_tokens = num_tokens  # the policy sees the pre-step count
+            try:
+                on_scheduled(view, num_tokens, now_s)
+            finally:
+                view.num_rewound_tokens = 0
+            session = view.hints.session_id
+            served[session] = served.get(session, 0) + num_tokens
 
     def _reserve_prefill_lookahead(
         self, request: Request, num_computed_tokens: int, num_new_tokens: int
@@ -229,9 +231,9 @@ class MarsScheduler(AsyncScheduler):
         if num_new_tokens <= 1:
             return num_new_tokens
         view = self._views.get(request.request_id)
-        if view is not None and self._chunk_quanta and self._has_contention():
+        if view is not None and self._chunk_quanta:
             quantum = self.policy_core.chunk_quantum_tokens(view)
-            if quantum is not None:
+            if quantum is not None and self._has_contention():
                 num_new_tokens = min(num_new_tokens, quantum)
         if self._shrink_chunks and request.status == RequestStatus.RUNNING:
             num_new_tokens = self._shrink_to_fit(request, num_computed_tokens, num_new_tokens)
@@ -335,6 +337,11 @@ class MarsScheduler(AsyncScheduler):
         pool.free_block_queue.prepend_n(freed)
 
     # -- introspection (tests, stats) -----------------------------------------
+    @property
+    def applies_victim_rank(self) -> bool:
+        """Whether ``running`` is sorted by the policy's ``victim_rank`` each pass."""
+        return self._victim_order
+
     def view_of(self, request_id: str) -> RequestView:
         """The policy's view of a live request."""
         return self._views[request_id]

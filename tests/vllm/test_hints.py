@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from mars_ray.vllm.hints import HintError, SessionHints, parse_hints
+from mars_ray.vllm.hints import HintError, SessionHints, carries_hints, parse_hints
 
 
 def test_no_hints_is_a_one_turn_session() -> None:
@@ -52,3 +53,87 @@ def test_malformed_hints_are_rejected_with_a_clear_message(raw: object, message:
         parse_hints({"mars": raw}, "r")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_flat_vllm_xargs_keys_round_trip() -> None:
+    """The OpenAI server's ``vllm_xargs`` holds no nested dict, and pydantic turns a
+    JSON boolean into 0 / 1 there: the flat form takes both."""
+    xargs = {
+        "mars_session_id": "s-1",
+        "mars_turn_index": 3,
+        "mars_last_turn": 0,
+        "mars_expected_tool_s": 1.5,
+        "kv_transfer_params": "not ours",
+    }
+    assert parse_hints(xargs, "r") == SessionHints("s-1", 3, False, 1.5)
+    assert parse_hints({"mars_session_id": "s", "mars_last_turn": True}, "r").last_turn
+    assert parse_hints({"mars_session_id": "s"}, "r") == SessionHints("s")
+    assert carries_hints(xargs) and carries_hints({"mars": {}})
+    assert not carries_hints({"kv_transfer_params": {}}) and not carries_hints(None)
+
+
+@pytest.mark.parametrize(
+    ("xargs", "message"),
+    [
+        ({"mars_session_id": "s", "mars_turn": 1}, "unknown session hint key(s) ['mars_turn']"),
+        ({"mars_turn_index": 1}, "'mars_session_id' must be a non-empty str"),
+        ({"mars_session_id": "s", "mars_turn_index": -2}, "'mars_turn_index' must be >= 0"),
+        ({"mars_session_id": "s", "mars_last_turn": 2}, "'mars_last_turn' must be a bool"),
+        ({"mars_session_id": "s", "mars_last_turn": "no"}, "'mars_last_turn' must be a bool"),
+        ({"mars_session_id": "s", "mars_expected_tool_s": -1}, "'mars_expected_tool_s' must"),
+        ({"mars_session_id": "s", "mars_expected_tool_s": 10**400}, "finite"),
+        ({"mars_session_id": "s", "mars": {"session_id": "s"}}, "not both"),
+    ],
+)
+def test_malformed_flat_hints_name_the_key(xargs: dict[str, object], message: str) -> None:
+    with pytest.raises(HintError) as info:
+        parse_hints(xargs, "r")
+    assert message in str(info.value)
+
+
+def test_any_garbage_raises_hint_error_or_nothing() -> None:
+    """The engine catches only HintError: nothing else may escape, whatever comes in."""
+    rng = random.Random(11)
+    values: list[object] = [
+        None,
+        True,
+        0,
+        -1,
+        2**70,
+        1.5,
+        -0.5,
+        math.nan,
+        math.inf,
+        "",
+        "s",
+        [],
+        [1, "a"],
+        {},
+        {1: 2},
+        {"session_id": "s"},
+        object(),
+    ]
+    keys: list[object] = [
+        "mars",
+        "mars_session_id",
+        "mars_turn_index",
+        "mars_last_turn",
+        "mars_expected_tool_s",
+        "mars_x",
+        "session_id",
+        "other",
+        7,
+        None,
+    ]
+    for _ in range(3000):
+        extra = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 4))}
+        if rng.random() < 0.5:
+            inner = {rng.choice([*keys, "turn_index", "last_turn"]): rng.choice(values)}
+            extra["mars"] = inner
+        try:
+            parse_hints(extra, "r")  # type: ignore[arg-type]
+        except HintError as exc:
+            assert "\n" not in str(exc)
+    for not_a_dict in ([("mars", {})], "mars", 3):
+        with pytest.raises(HintError):
+            parse_hints(not_a_dict, "r")  # type: ignore[arg-type]

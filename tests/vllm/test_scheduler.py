@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from factories import (
     assert_no_leak,
     make_request,
@@ -15,10 +16,10 @@ from factories import (
 )
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
-from mars_ray.policies.mlfq import MlfqState
-from mars_ray.vllm.adapter import RequestView
+from mars_ray.clock import VirtualClock
+from mars_ray.policies.registry import POLICIES
 from mars_ray.vllm.hints import SessionHints
-from mars_ray.vllm.scheduler import MarsFeatures, MarsScheduler, mlfq_victim_key
+from mars_ray.vllm.scheduler import MarsFeatures, MarsScheduler
 
 
 def _hints(session: str, turn: int = 0, tool_s: float = 1.0, last: bool = False) -> SessionHints:
@@ -72,21 +73,43 @@ def test_victim_is_the_lowest_mars_priority(tiny_model_dir: Path) -> None:
     assert _first_victim(stock) != "L"
 
 
-def test_sort_key_agrees_with_the_policys_choose_victim(tiny_model_dir: Path) -> None:
-    sched = make_scheduler(MarsScheduler, tiny_model_dir)
+@pytest.mark.parametrize("policy", POLICIES.names())
+def test_running_list_ends_with_the_policys_victim(tiny_model_dir: Path, policy: str) -> None:
+    """vLLM pops the last running request: after the pre-pass sort it is the request
+    the policy's own ``choose_victim`` picks. No policy name is special-cased."""
+    sched = make_scheduler(
+        MarsScheduler,
+        tiny_model_dir,
+        policy=policy,
+        clock=VirtualClock(),
+        num_blocks=512,
+        max_model_len=4096,
+        max_num_seqs=8,
+    )
+    assert isinstance(sched, MarsScheduler)
+    core = sched.policy_core
+    newest_first = ("fcfs", "infercept", "mars-no-unified-eviction")
+    assert core.custom_victim_order == (policy not in newest_first)
+    assert sched.applies_victim_rank == core.custom_victim_order
     rng = random.Random(7)
-    for trial in range(200):
-        views = []
-        for i in range(rng.randint(1, 8)):
-            request = make_request(
-                f"r{trial}-{i}", rng.randint(2, 64), arrival_s=float(rng.randint(0, 5))
-            )
-            request.num_computed_tokens = rng.randint(0, request.num_tokens)
-            view = RequestView(request, _hints("s"), True, 16, 0)
-            view.policy_state = MlfqState(level=rng.randint(0, 3), resuming=rng.random() < 0.3)
-            views.append(view)
-        expected = sched.policy_core.choose_victim(views, 0.0)
-        assert mlfq_victim_key(max(views, key=mlfq_victim_key)) == mlfq_victim_key(expected)
+    for i in range(8):
+        hints = _hints(f"s{i % 3}", turn=i // 3)
+        num_prompt = rng.choice([30, 200, 2500, 3000])
+        sched.add_request(make_request(f"r{i}", num_prompt, 40, arrival_s=float(i), hints=hints))
+    num_checked = 0
+    for _ in range(30):
+        step(sched)
+        sched._prepare_pass()  # what schedule() does before vLLM's loop
+        if len(sched.running) < 2:
+            continue
+        views = [sched.view_of(r.request_id) for r in sched.running]
+        victim = core.choose_victim(views, 0.0)
+        if sched.applies_victim_rank:
+            assert sched.running[-1] is victim.request
+        num_checked += 1
+    assert num_checked > 0
+    run_to_completion(sched)
+    assert_no_leak(sched)
 
 
 def test_chunks_shrink_before_anyone_is_preempted(tiny_model_dir: Path) -> None:

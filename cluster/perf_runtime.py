@@ -1,0 +1,210 @@
+"""Benchmarks of the Ray runtime that print figures (``mars-ray perf runtime|agreement``).
+
+* overhead: median wall time of a one-turn request through HTTP -> Serve ingress ->
+  global scheduler -> GPU worker, minus the same turn on a SimEngine called directly
+  in-process (target: <= 5 ms on an idle deployment).
+* decisions: turn decisions (admission + placement + bookkeeping: ``begin_turn`` then
+  ``end_turn``) per second the GlobalScheduler actor sustains under concurrent callers
+  (target: >= 500/s).
+* agreement: the same trace and policy through ``--runtime ray`` and ``--runtime sim``;
+  mean JCTs side by side (target: within 15%).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mars_ray.actors.config import DeploymentConfig
+from mars_ray.config import ClusterConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Overhead:
+    direct_ms: float  # median, SimEngine in-process
+    served_ms: float  # median, through HTTP and the runtime
+    p90_direct_ms: float
+    p90_served_ms: float
+    num_turns: int
+
+    @property
+    def added_ms(self) -> float:
+        return self.served_ms - self.direct_ms
+
+
+def _median_p90_ms(samples_s: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples_s)
+    return statistics.median(ordered) * 1e3, ordered[int(0.9 * (len(ordered) - 1))] * 1e3
+
+
+async def _direct_turns_s(
+    config: DeploymentConfig, num_turns: int, prompt: int, out: int
+) -> list[float]:
+    from mars_ray.actors.gpu_worker import GPUWorkerImpl
+    from mars_ray.actors.messages import TurnWork
+
+    runner = GPUWorkerImpl(0, 0, config).runner
+    samples = []
+    for i in range(num_turns):
+        work = TurnWork(f"direct-{i}", 0, prompt, out, 0, 0, 0.0, 0.0, True, 0.0)
+        started = time.perf_counter()
+        async for _ in runner.generate(work):
+            pass
+        samples.append(time.perf_counter() - started)
+    await runner.stop()
+    return samples
+
+
+def measure_overhead(
+    num_turns: int = 60, prompt_tokens: int = 200, output_tokens: int = 4
+) -> Overhead:
+    """Sequential one-turn requests on an idle 1-GPU deployment vs the engine alone."""
+    import httpx
+
+    from .bench_runtime import _free_port
+    from .serving import running_deployment
+
+    config = DeploymentConfig(time_scale=1.0)
+    direct = asyncio.run(_direct_turns_s(config, num_turns, prompt_tokens, output_tokens))
+    body = {
+        "messages": [{"role": "user", "content": " ".join(["w"] * prompt_tokens)}],
+        "max_tokens": output_tokens,
+    }
+    served = []
+    with (
+        running_deployment(config, port=_free_port()) as running,
+        httpx.Client(base_url=running.url, timeout=60) as client,
+    ):
+        for _ in range(5):  # warm the proxy, replica and actor connections
+            client.post("/v1/chat/completions", json=body).raise_for_status()
+        for _ in range(num_turns):
+            started = time.perf_counter()
+            client.post("/v1/chat/completions", json=body).raise_for_status()
+            served.append(time.perf_counter() - started)
+    d50, d90 = _median_p90_ms(direct)
+    s50, s90 = _median_p90_ms(served)
+    return Overhead(d50, s50, d90, s90, num_turns)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRate:
+    num_decisions: int
+    wall_s: float
+    concurrency: int
+
+    @property
+    def per_s(self) -> float:
+        return self.num_decisions / self.wall_s
+
+
+def measure_decisions(
+    num_sessions: int = 3000, concurrency: int = 64, num_gpus: int = 4
+) -> DecisionRate:
+    """``begin_turn`` + ``end_turn`` of one-turn sessions against the real actor."""
+    from mars_ray.actors.messages import TurnAsk, TurnReport
+
+    from .launch import connect, ensure_runtime, teardown_runtime
+
+    config = DeploymentConfig(cluster=ClusterConfig(num_gpus=num_gpus))
+    local = connect(None, num_gpus=num_gpus)
+    try:
+        scheduler = ensure_runtime(config).scheduler
+        pending: list[Any] = []
+
+        async def one(sid: str) -> None:
+            grant = await scheduler.begin_turn.remote(TurnAsk(sid, 0, 100, 10, True))
+            report = TurnReport(sid, 0, grant.engine_id, 110, 0.01, 100, 10, 0.001, True)
+            pending.append(scheduler.end_turn.remote(report))  # as the ingress: not awaited
+
+        async def drive(prefix: str) -> float:
+            queue = iter(range(num_sessions))
+
+            async def worker() -> None:
+                for i in queue:
+                    await one(f"{prefix}-{i}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*pending)  # every end processed before the clock stops
+            pending.clear()
+            return time.perf_counter() - started
+
+        asyncio.run(drive("warm"))  # warm-up pass (connections, code paths)
+        wall_s = asyncio.run(drive("timed"))
+    finally:
+        teardown_runtime(num_gpus)
+        local.shutdown()
+    return DecisionRate(num_sessions, wall_s, concurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    policy: str
+    num_sessions: int
+    sim_mean_jct_s: float
+    ray_mean_jct_s: float
+    sim_completed: int
+    ray_completed: int
+    ray_wall_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ray_mean_jct_s / self.sim_mean_jct_s
+
+
+def measure_agreement(
+    policies: list[str],
+    *,
+    workload: str = "swe",
+    num_sessions: int = 8,
+    rate_per_s: float = 0.05,
+    num_gpus: int = 1,
+    time_scale: float = 10.0,
+    seed: int = 0,
+) -> list[Agreement]:
+    """The same sessions through the simulator and through a live deployment."""
+    from mars_ray.bench import BenchConfig, plan_bench, sessions_at
+    from mars_ray.config import validated
+    from mars_ray.sim import simulate
+
+    from .bench_runtime import run_ray
+
+    config = validated(
+        BenchConfig,
+        workload=workload,
+        policies=tuple(policies),
+        rates_per_s=(rate_per_s,),
+        num_gpus=num_gpus,
+        num_sessions=num_sessions,
+        seed=seed,
+        runtime="ray",
+        time_scale=time_scale,
+    )
+    plan = plan_bench(config)
+    sessions = sessions_at(plan, plan.points[0], seed)
+    results = []
+    for policy in policies:
+        sim = simulate(sessions, policy, cluster=plan.cluster, engine=plan.engine, seed=seed)
+        live = run_ray(
+            sessions, policy, cluster=plan.cluster, engine=plan.engine, time_scale=time_scale
+        )
+        results.append(
+            Agreement(
+                policy,
+                len(sessions),
+                _mean_jct(sim.sessions),
+                _mean_jct(live.sessions),
+                sum(1 for s in sim.sessions if s.completed),
+                sum(1 for s in live.sessions if s.completed),
+                live.wall_s,
+            )
+        )
+    return results
+
+
+def _mean_jct(sessions: Any) -> float:
+    jcts = [s.jct_s for s in sessions if s.completed]
+    return statistics.fmean(jcts) if jcts else float("nan")
