@@ -76,6 +76,9 @@ class ToolReplay(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cpu_s: float = Field(ge=0, le=3600)
     wait_s: float = Field(0.0, ge=0, le=3600)
+    burn_cpu: bool = Field(
+        True, description="burn cpu_s on a real core (False: wait it out, no CPU contention)"
+    )
 
 
 class ToolRunRequest(BaseModel):

@@ -198,15 +198,11 @@ class SimEngineRunner:
         for stream in self._streams.values():
             self._push_tokens(stream)
         for request in finished:
-            stream_or_none = self._streams.get(request.request_id)
-            decision = self.retention.on_turn_end(
-                self.engine.turn_end_context(
-                    request, 0.0 if stream_or_none is None else stream_or_none.work.predicted_tool_s
-                )
-            )
-            self.engine.release(request, decision, now_s)
-            if stream_or_none is not None:
-                stream_or_none.queue.put_nowait(self._done(request, now_s))
+            stream = self._streams.get(request.request_id)
+            predicted_tool_s = 0.0 if stream is None else stream.work.predicted_tool_s
+            self.engine.end_turn(request, self.retention, predicted_tool_s, now_s)
+            if stream is not None:
+                stream.queue.put_nowait(self._done(request, now_s))
 
     def _push_tokens(self, stream: _Stream) -> None:
         request = stream.request

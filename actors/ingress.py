@@ -464,7 +464,8 @@ class Ingress:
             node, executor = await self._call(self.scheduler.tool_executor_for.remote(session_id))
             try:
                 if body.replay is not None:
-                    ref = executor.replay.remote(session_id, body.replay.cpu_s, body.replay.wait_s)
+                    r = body.replay
+                    ref = executor.replay.remote(session_id, r.cpu_s, r.wait_s, r.burn_cpu)
                 else:
                     ref = executor.run.remote(session_id, body.argv, body.stdin, body.timeout_s)
                 outcome = await ref

@@ -36,7 +36,13 @@ from mars_ray.engine.costmodel import CostModel, load_profile
 from mars_ray.engine.ideal import isolated_turn_s
 from mars_ray.errors import MarsError
 from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
-from mars_ray.policies.cluster import ClusterScheduler, Placement, SessionPhase
+from mars_ray.policies.cluster import (
+    ClusterScheduler,
+    Placement,
+    SessionPhase,
+    ToolPoolLoad,
+    scope_signals,
+)
 from mars_ray.policies.registry import get_policy
 from mars_ray.telemetry import EngineSnapshot, Telemetry, ToolPoolSnapshot
 
@@ -436,13 +442,8 @@ class GlobalSchedulerImpl:
     def _scope_signals(
         self, engine_ids: Sequence[int], tools: Sequence[ToolPoolSnapshot]
     ) -> ClusterSignals:
-        kv = [self.loads[e].kv_usage for e in engine_ids]
-        return ClusterSignals(
-            kv_usage=sum(kv) / len(kv) if kv else 0.0,
-            num_tools_in_flight=sum(t.num_in_flight for t in tools),
-            num_tool_workers=sum(t.num_workers for t in tools),
-            tool_wait_ema_s=sum(t.wait_ema_s for t in tools) / len(tools) if tools else 0.0,
-        )
+        pools = [ToolPoolLoad(t.num_in_flight, t.num_workers, t.wait_ema_s) for t in tools]
+        return scope_signals([self.loads[e].kv_usage for e in engine_ids], pools)
 
     # -- views -------------------------------------------------------------------------
     def session_info(self, session_id: str) -> dict[str, Any]:

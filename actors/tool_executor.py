@@ -94,14 +94,21 @@ class ToolExecutorImpl:
             queue_s=queue_s,
         )
 
-    async def replay(self, session_id: str, cpu_s: float, wait_s: float) -> ToolOutcome:
+    async def replay(
+        self, session_id: str, cpu_s: float, wait_s: float, burn_cpu: bool = True
+    ) -> ToolOutcome:
         """Replay a traced call: ``cpu_s`` of real CPU burn then ``wait_s`` of waiting,
-        both in simulated seconds (divided by the time scale). Returns simulated times."""
+        both in simulated seconds (divided by the time scale). Returns simulated times.
+        ``burn_cpu=False`` waits the CPU time out instead (no contention: for comparing
+        scheduling with a simulator whose CPU pool this host cannot reproduce)."""
         scale = self.time_scale
         started_s = time.monotonic()
         self.num_in_flight += 1
         try:
-            await replay_tool_call(cpu_s / scale, wait_s / scale)
+            if burn_cpu:
+                await replay_tool_call(cpu_s / scale, wait_s / scale)
+            else:
+                await asyncio.sleep((cpu_s + wait_s) / scale)
         finally:
             self.num_in_flight -= 1
         took_s = (time.monotonic() - started_s) * scale
@@ -162,8 +169,10 @@ class ToolExecutor:
     ) -> ToolOutcome:
         return await self._impl.run(session_id, argv, stdin, timeout_s)
 
-    async def replay(self, session_id: str, cpu_s: float, wait_s: float) -> ToolOutcome:
-        return await self._impl.replay(session_id, cpu_s, wait_s)
+    async def replay(
+        self, session_id: str, cpu_s: float, wait_s: float, burn_cpu: bool = True
+    ) -> ToolOutcome:
+        return await self._impl.replay(session_id, cpu_s, wait_s, burn_cpu)
 
     async def close_session(self, session_id: str) -> None:
         self._impl.close_session(session_id)

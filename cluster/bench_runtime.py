@@ -61,6 +61,7 @@ def run_ray(
     rate_per_s: float | None = None,
     seed: int = 0,
     address: str | None = None,
+    burn_cpu: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Serve, replay ``sessions`` over HTTP, inject ``faults``; returns the run's result."""
@@ -93,7 +94,13 @@ def run_ray(
         injector.start()
         try:
             result = asyncio.run(
-                replay(running.url, sessions, time_scale=time_scale, on_progress=on_progress)
+                replay(
+                    running.url,
+                    sessions,
+                    time_scale=time_scale,
+                    on_progress=on_progress,
+                    burn_cpu=burn_cpu,
+                )
             )
         finally:
             stop.set()

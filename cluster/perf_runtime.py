@@ -149,6 +149,8 @@ class Agreement:
     sim_completed: int
     ray_completed: int
     ray_wall_s: float
+    sim_mean_tool_s: float  # tool time as experienced (contention included), per session
+    ray_mean_tool_s: float
 
     @property
     def ratio(self) -> float:
@@ -164,6 +166,7 @@ def measure_agreement(
     num_gpus: int = 1,
     time_scale: float = 10.0,
     seed: int = 0,
+    burn_cpu: bool = True,
 ) -> list[Agreement]:
     """The same sessions through the simulator and through a live deployment."""
     from mars_ray.bench import BenchConfig, plan_bench, sessions_at
@@ -189,7 +192,12 @@ def measure_agreement(
     for policy in policies:
         sim = simulate(sessions, policy, cluster=plan.cluster, engine=plan.engine, seed=seed)
         live = run_ray(
-            sessions, policy, cluster=plan.cluster, engine=plan.engine, time_scale=time_scale
+            sessions,
+            policy,
+            cluster=plan.cluster,
+            engine=plan.engine,
+            time_scale=time_scale,
+            burn_cpu=burn_cpu,
         )
         results.append(
             Agreement(
@@ -200,6 +208,8 @@ def measure_agreement(
                 sum(1 for s in sim.sessions if s.completed),
                 sum(1 for s in live.sessions if s.completed),
                 live.wall_s,
+                statistics.fmean(s.tool_s for s in sim.sessions),
+                statistics.fmean(s.tool_s for s in live.sessions),
             )
         )
     return results

@@ -173,8 +173,13 @@ def register(app: typer.Typer) -> None:
         gpus: int = typer.Option(1, min=1),
         time_scale: float = typer.Option(10.0, min=0.1, help="simulated s per wall s (ray)"),
         seed: int = typer.Option(0),
+        tools: str = typer.Option(
+            "burn", help="burn: tool CPU burns real cores; wait: replayed as waiting"
+        ),
     ) -> None:
         """Mean JCT of the same trace through --runtime ray and --runtime sim."""
+        if tools not in ("burn", "wait"):
+            raise typer.BadParameter(f"--tools must be burn or wait, got {tools!r}")
         from mars_ray.cluster.perf_runtime import measure_agreement
 
         for a in measure_agreement(
@@ -185,6 +190,7 @@ def register(app: typer.Typer) -> None:
             num_gpus=gpus,
             time_scale=time_scale,
             seed=seed,
+            burn_cpu=tools == "burn",
         ):
             print(
                 json.dumps(
@@ -198,6 +204,8 @@ def register(app: typer.Typer) -> None:
                         "completed_sim": a.sim_completed,
                         "completed_ray": a.ray_completed,
                         "ray_wall_s": round(a.ray_wall_s, 1),
+                        "sim_mean_tool_s": round(a.sim_mean_tool_s, 2),
+                        "ray_mean_tool_s": round(a.ray_mean_tool_s, 2),
                     }
                 ),
                 flush=True,

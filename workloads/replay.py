@@ -68,9 +68,11 @@ async def replay(
     api_key: str | None = None,
     on_progress: ProgressFn | None = None,
     request_timeout_s: float = 3600.0,
+    burn_cpu: bool = True,
 ) -> ReplayResult:
     """Replay ``sessions`` against ``url``; never raises for a failed session (it is
-    recorded with its reason), so one bad session cannot hide the others' results."""
+    recorded with its reason), so one bad session cannot hide the others' results.
+    ``burn_cpu=False`` replays tool CPU time as waiting (see ToolExecutor.replay)."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     clock = _Clock(time_scale)
@@ -86,7 +88,7 @@ async def replay(
             await clock.sleep_until(spec.arrival_s)
             outcome = SessionOutcome(spec.session_id, spec.arrival_s)
             try:
-                await _run_session(client, clock, spec, outcome)
+                await _run_session(client, clock, spec, outcome, burn_cpu)
             except Exception as exc:  # recorded, not raised: see the docstring
                 outcome.failed_reason = f"{type(exc).__name__}: {exc}"[:500]
             done += 1
@@ -102,7 +104,11 @@ async def replay(
 
 
 async def _run_session(
-    client: httpx.AsyncClient, clock: _Clock, spec: SessionSpec, outcome: SessionOutcome
+    client: httpx.AsyncClient,
+    clock: _Clock,
+    spec: SessionSpec,
+    outcome: SessionOutcome,
+    burn_cpu: bool,
 ) -> None:
     sid = spec.session_id
     _check(await client.post("/v1/sessions", json={"session_id": sid}))
@@ -123,7 +129,13 @@ async def _run_session(
             outcome.finish_s = clock.now_s()
             return
         if turn.tool_s > 0:
-            replay_body = {"replay": {"cpu_s": turn.tool_cpu_s, "wait_s": turn.tool_wait_s}}
+            replay_body = {
+                "replay": {
+                    "cpu_s": turn.tool_cpu_s,
+                    "wait_s": turn.tool_wait_s,
+                    "burn_cpu": burn_cpu,
+                }
+            }
             started_s = clock.now_s()
             _check(await client.post(f"/v1/sessions/{sid}/tools", json=replay_body))
             outcome.tool_s += clock.now_s() - started_s

@@ -30,6 +30,7 @@ from mars_ray.policies.base import (
     EngineLoad,
     RetentionAction,
     RetentionDecision,
+    RetentionPolicy,
     SchedulerPolicy,
     TurnEndContext,
 )
@@ -545,6 +546,18 @@ class SimEngine:
             can_offload=can_offload,
             is_last_turn=request.is_last_turn,
         )
+
+    def end_turn(
+        self,
+        request: EngineRequest,
+        retention: RetentionPolicy,
+        predicted_tool_s: float,
+        now_s: float,
+    ) -> RetentionDecision:
+        """A finished turn's KV goes where ``retention`` decides (every runtime's path)."""
+        decision = retention.on_turn_end(self.turn_end_context(request, predicted_tool_s))
+        self.release(request, decision, now_s)
+        return decision
 
     def release(self, request: EngineRequest, decision: RetentionDecision, now_s: float) -> None:
         """Free (or pin, or offload) a finished turn's KV as the retention policy decided."""

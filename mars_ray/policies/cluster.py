@@ -54,6 +54,26 @@ class SessionState:
     tools: ToolHistory = field(default_factory=ToolHistory)
 
 
+@dataclass(frozen=True, slots=True)
+class ToolPoolLoad:
+    """One node's CPU tool pool as admission sees it."""
+
+    num_in_flight: int
+    num_workers: int
+    wait_ema_s: float
+
+
+def scope_signals(kv_usages: Sequence[float], pools: Sequence[ToolPoolLoad]) -> ClusterSignals:
+    """The signals of one admission scope: mean KV usage over its engines, tool load
+    summed over its nodes' pools (the simulator and the Ray scheduler both use this)."""
+    return ClusterSignals(
+        kv_usage=sum(kv_usages) / len(kv_usages) if kv_usages else 0.0,
+        num_tools_in_flight=sum(p.num_in_flight for p in pools),
+        num_tool_workers=sum(p.num_workers for p in pools),
+        tool_wait_ema_s=sum(p.wait_ema_s for p in pools) / len(pools) if pools else 0.0,
+    )
+
+
 class ClusterScheduler:
     """Admission and placement for every session in the cluster."""
 

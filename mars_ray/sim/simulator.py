@@ -25,7 +25,7 @@ from mars_ray.engine.ideal import session_ideal_s
 from mars_ray.engine.request import EngineRequest
 from mars_ray.engine.sim_engine import SimEngine
 from mars_ray.policies.base import ClusterSignals, SessionTicket
-from mars_ray.policies.cluster import ClusterScheduler, Placement
+from mars_ray.policies.cluster import ClusterScheduler, Placement, ToolPoolLoad, scope_signals
 from mars_ray.policies.registry import PolicyConfig, get_policy
 from mars_ray.results import RequestRecord, RunCounters, RunResult, SessionRecord, TimeSeries
 from mars_ray.session import SessionSpec
@@ -206,8 +206,7 @@ class ClusterSim:
         run.context_tokens = request.num_tokens  # prompt + all outputs
         run.computed_tokens = request.num_computed_tokens
         self.scheduler.on_turn_finished(sid, request.service_tokens, request.service_s)
-        ctx = engine.turn_end_context(request, self.scheduler.predicted_tool_s(sid))
-        engine.release(request, self.retention.on_turn_end(ctx), now_s)
+        engine.end_turn(request, self.retention, self.scheduler.predicted_tool_s(sid), now_s)
         if request.is_last_turn:
             self._finish_session(run)
             return
@@ -262,12 +261,8 @@ class ClusterSim:
 
     @staticmethod
     def _pool_signals(pools: Sequence[ToolPool], kv_usages: Sequence[float]) -> ClusterSignals:
-        return ClusterSignals(
-            kv_usage=sum(kv_usages) / len(kv_usages),
-            num_tools_in_flight=sum(p.num_in_flight for p in pools),
-            num_tool_workers=sum(p.num_cores for p in pools),
-            tool_wait_ema_s=sum(p.wait_ema_s for p in pools) / len(pools),
-        )
+        loads = [ToolPoolLoad(p.num_in_flight, p.num_cores, p.wait_ema_s) for p in pools]
+        return scope_signals(kv_usages, loads)
 
     def _on_tick(self) -> None:
         _, placements = self.scheduler.on_tick(self._signals(), self.now_s, self._loads())

@@ -8,8 +8,19 @@ Named by ``distributed_executor_backend`` (the class, or the string
   model's ``config.json``), and as many blocks as the cost-model profile's GPU holds
   (``CostModel.num_gpu_blocks``) unless ``num_gpu_blocks_override`` is set.
 * A step: the step time the cost model gives for the scheduled batch (DESIGN
-  section 6) is slept on a single worker thread, times ``sleep_scale``; then every
-  request whose chunk reaches the end of its known tokens samples one token.
+  section 6), times ``sleep_scale``, on a single worker thread that keeps a device
+  timeline: a step starts when the previous one ends if requests were left
+  unfinished then (a busy engine), else when it is submitted, and its output is
+  ready at ``start + step time``; the thread sleeps until then. The engine's own
+  CPU work between the steps of a busy engine, and late wake-ups (the GIL,
+  ``time.sleep`` overshoot), so do not add to the simulated time: the cost model's
+  per-step constant already prices a real engine's overhead, which async scheduling
+  hides on GPUs (vLLM's CPU platform turns async scheduling off, so without this
+  every step would also pay this machine's scheduling time). Only when a step's
+  CPU work outlasts the step itself does the timeline fall behind; ``late_s``
+  adds up by how much the outputs came after their timeline end.
+  Then every request whose chunk reaches the end of its known tokens samples one
+  token.
 * Tokens are deterministic: the token at sequence position ``p`` is
   :func:`token_at` ``(p)``, independent of the request, so tests can predict them.
 
@@ -41,6 +52,9 @@ from mars_ray.errors import ConfigError
 
 #: key of the executor's settings in ``VllmConfig.additional_config``
 SETTINGS_KEY = "mars_sim"
+
+#: ``collective_rpc`` method name that answers the simulated device's counters
+STATS_RPC = "mars_sim_stats"
 
 _DEFAULT_GPU = "h100-80gb"
 _DEFAULT_MODEL = "llama-3.1-8b"
@@ -114,6 +128,13 @@ class SimulatedModelRunner:
 
     vocab_size: int
     seqs: dict[str, _SeqState] = field(default_factory=dict)
+    # outputs each unfinished request has left to sample (preempted ones included)
+    num_left: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether a request seen so far still has tokens to sample (the engine is busy)."""
+        return bool(self.num_left)
 
     def shape_and_output(self, so: SchedulerOutput) -> tuple[StepShape, ModelRunnerOutput]:
         """Apply one scheduled step: the batch's shape and the tokens it samples."""
@@ -139,14 +160,18 @@ class SimulatedModelRunner:
         return shape, output
 
     def _apply_membership(self, so: SchedulerOutput) -> None:
-        for req_id in so.finished_req_ids:
+        for req_id in so.finished_req_ids:  # finished, or aborted
             self.seqs.pop(req_id, None)
+            self.num_left.pop(req_id, None)
         for req_id in so.preempted_req_ids or ():
             self.seqs.pop(req_id, None)
         for new in so.scheduled_new_reqs:
             self.seqs[new.req_id] = _SeqState(
                 len(new.prefill_token_ids or new.prompt_token_ids or ())
             )
+            params = new.sampling_params
+            if params is not None and params.max_tokens and new.req_id not in self.num_left:
+                self.num_left[new.req_id] = params.max_tokens
         cached = so.scheduled_cached_reqs
         for req_id in cached.resumed_req_ids:
             self.seqs[req_id] = _SeqState(len(cached.all_token_ids[req_id]))
@@ -164,6 +189,12 @@ class SimulatedModelRunner:
         if seq is None or end_position < seq.num_known_tokens:
             return []  # a prefill chunk with more prompt to go
         seq.num_known_tokens += 1
+        left = self.num_left.get(req_id)
+        if left is not None:
+            if left <= 1:
+                del self.num_left[req_id]
+            else:
+                self.num_left[req_id] = left - 1
         return [token_at(end_position, self.vocab_size)]
 
 
@@ -178,8 +209,11 @@ class SimulatedExecutor(Executor):
         # engine may schedule the next step while this one "computes".
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mars-sim-gpu")
         self._pending_output: ModelRunnerOutput | None = None
+        self._device_free_at = 0.0  # monotonic time the last step ends on the timeline
+        self._busy_after_last_step = False  # requests were left unfinished by it
         self.num_steps = 0
         self.simulated_busy_s = 0.0
+        self.late_s = 0.0  # wall seconds outputs came after their timeline end
 
     # -- KV cache set-up -----------------------------------------------------
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
@@ -223,7 +257,7 @@ class SimulatedExecutor(Executor):
     def execute_model(  # type: ignore[override]
         self, scheduler_output: SchedulerOutput, non_block: bool = False
     ) -> ModelRunnerOutput | Future[ModelRunnerOutput | None] | None:
-        future = self._device.submit(self._run_step, scheduler_output)
+        future = self._device.submit(self._run_step, scheduler_output, time.monotonic())
         return future if non_block else future.result()
 
     def sample_tokens(  # type: ignore[override]
@@ -232,7 +266,7 @@ class SimulatedExecutor(Executor):
         future = self._device.submit(self._take_output)
         return future if non_block else future.result()
 
-    def _run_step(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+    def _run_step(self, so: SchedulerOutput, submitted_at: float) -> ModelRunnerOutput | None:
         """Runs on the device thread: sleep the step, keep the output for sampling."""
         shape, output = self.runner.shape_and_output(so)
         if shape.num_tokens == 0:
@@ -243,9 +277,23 @@ class SimulatedExecutor(Executor):
         self.num_steps += 1
         self.simulated_busy_s += step_s
         if self.settings.sleep_scale > 0:
-            time.sleep(step_s * self.settings.sleep_scale)
+            self._sleep_on_timeline(submitted_at, step_s * self.settings.sleep_scale)
+        self._busy_after_last_step = self.runner.has_unfinished
         self._pending_output = output
         return None  # like vLLM's runner: tokens come from sample_tokens()
+
+    def _sleep_on_timeline(self, submitted_at: float, duration_s: float) -> None:
+        """Sleep until the step's end on the device timeline (see the module docstring)."""
+        start = self._device_free_at
+        if not self._busy_after_last_step:  # idle since: the step starts when submitted
+            start = max(start, submitted_at)
+        end = start + duration_s
+        self._device_free_at = end
+        delay_s = end - time.monotonic()
+        if delay_s > 0:
+            time.sleep(delay_s)
+        else:
+            self.late_s -= delay_s
 
     def _take_output(self) -> ModelRunnerOutput:
         output, self._pending_output = self._pending_output, None
@@ -272,18 +320,27 @@ class SimulatedExecutor(Executor):
         kwargs: dict | None = None,
         non_block: bool = False,
     ) -> Any:
-        """Only the no-op control calls the engine may make; anything else fails loudly."""
+        """The no-op control calls the engine may make, and :data:`STATS_RPC` (one
+        worker's :meth:`device_stats`); anything else fails loudly."""
         name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
-        if name not in _NOOP_RPCS:
+        if name != STATS_RPC and name not in _NOOP_RPCS:
             raise NotImplementedError(
                 f"SimulatedExecutor does not support collective_rpc({name!r})"
             )
-        result: list[Any] = [None]
+        result: list[Any] = [self.device_stats() if name == STATS_RPC else None]
         if non_block:
             done: Future[list[Any]] = Future()
             done.set_result(result)
             return done
         return result
+
+    def device_stats(self) -> dict[str, float]:
+        """Counters of the simulated device (plain values: they cross processes)."""
+        return {
+            "num_steps": self.num_steps,
+            "simulated_busy_s": self.simulated_busy_s,
+            "late_s": self.late_s,
+        }
 
     def check_health(self) -> None:
         """Always healthy: there is no device to lose."""

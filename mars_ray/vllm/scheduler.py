@@ -25,8 +25,9 @@ unchanged; MARS acts through five narrow overrides:
    ``_preempt_request`` first tells the policy (the victim re-enters level 0 at
    the front).
 5. **Retention** - when a turn ends, ``_free_request_blocks`` asks the retention
-   policy; sessions not expected back soon (or on their last turn) have their
-   freed blocks moved to the evict-first end of vLLM's free-block queue.
+   policy (the turn's hints say whether it is the session's last); sessions the
+   policy does not expect back soon (MARS: also those on their last turn) have
+   their freed blocks moved to the evict-first end of vLLM's free-block queue.
    ``PIN`` is treated as ``KEEP_LRU`` and ``OFFLOAD`` as ``EVICT_FIRST`` (no CPU
    tier is wired through a KV connector yet).
 
@@ -48,6 +49,7 @@ Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``)
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -91,19 +93,33 @@ class MarsFeatures:
 
 @dataclass(frozen=True, slots=True)
 class MarsSchedulerSettings:
-    """``additional_config["mars"]``: policy name, cost-model profile, features."""
+    """``additional_config["mars"]``: policy name, cost-model profile, features, clock.
+
+    ``time_scale`` is the policy clock's simulated seconds per wall second (its
+    timers, such as MLFQ aging, run that much faster): set it to ``1 / sleep_scale``
+    of a :class:`~mars_ray.vllm.executor.SimulatedExecutor` running faster than real
+    time, so that policy time and step time agree. 1 on real GPUs.
+    """
 
     policy: str = "mars"
     gpu: str = "h100-80gb"
     model: str = "llama-3.1-8b"
     features: MarsFeatures = field(default_factory=MarsFeatures)
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
+            raise ConfigError(
+                f"{SETTINGS_KEY}.time_scale must be finite and > 0, got {self.time_scale}"
+            )
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any]) -> MarsSchedulerSettings:
-        unknown = sorted(set(given) - {"policy", "gpu", "model", "features"})
+        unknown = sorted(set(given) - {"policy", "gpu", "model", "features", "time_scale"})
         if unknown:
             raise ConfigError(
-                f"unknown {SETTINGS_KEY} keys {unknown}; accepted: policy, gpu, model, features"
+                f"unknown {SETTINGS_KEY} keys {unknown}; "
+                "accepted: policy, gpu, model, features, time_scale"
             )
         features = given.get("features", {})
         if isinstance(features, MarsFeatures):
@@ -121,6 +137,7 @@ class MarsSchedulerSettings:
             gpu=str(given.get("gpu", "h100-80gb")),
             model=str(given.get("model", "llama-3.1-8b")),
             features=features_obj,
+            time_scale=float(given.get("time_scale", 1.0)),
         )
 
 
@@ -132,7 +149,7 @@ class MarsScheduler(AsyncScheduler):
         extra = self.vllm_config.additional_config
         given = extra.get(SETTINGS_KEY, {}) if isinstance(extra, dict) else {}
         self.settings = MarsSchedulerSettings.from_mapping(given)
-        self._clock: Clock = clock or WallClock()
+        self._clock: Clock = clock or WallClock(self.settings.time_scale)
         spec = get_policy(self.settings.policy)
         policy_config = PolicyConfig()
         self.policy_core: SchedulerPolicy = spec.make_scheduler(policy_config)
@@ -300,8 +317,8 @@ class MarsScheduler(AsyncScheduler):
         view = self._views.get(request.request_id)
         if view is None or not self._retention or not view.hinted:
             return RetentionAction.KEEP_LRU  # a plain request: vLLM's LRU prefix cache
-        if view.hints.last_turn:
-            return RetentionAction.EVICT_FIRST  # the session will not come back
+        # A last turn goes to the policy too (is_last_turn): MARS evicts it first,
+        # vLLM's own LRU (fcfs) keeps it in the LRU order, as in the simulator.
         decision = self.retention_policy.on_turn_end(self._turn_end_context(view))
         if decision.action is RetentionAction.OFFLOAD:
             return RetentionAction.EVICT_FIRST
@@ -323,6 +340,7 @@ class MarsScheduler(AsyncScheduler):
             num_total_blocks=num_total,
             num_used_blocks=num_total - pool.get_num_free_blocks(),
             can_offload=False,
+            is_last_turn=view.hints.last_turn,
         )
 
     def _free_evict_first(self, request: Request) -> None:
