@@ -198,11 +198,11 @@ class SimEngineRunner:
         for stream in self._streams.values():
             self._push_tokens(stream)
         for request in finished:
-            stream = self._streams.get(request.request_id)
-            predicted_tool_s = 0.0 if stream is None else stream.work.predicted_tool_s
+            waiting = self._streams.get(request.request_id)
+            predicted_tool_s = 0.0 if waiting is None else waiting.work.predicted_tool_s
             self.engine.end_turn(request, self.retention, predicted_tool_s, now_s)
-            if stream is not None:
-                stream.queue.put_nowait(self._done(request, now_s))
+            if waiting is not None:
+                waiting.queue.put_nowait(self._done(request, now_s))
 
     def _push_tokens(self, stream: _Stream) -> None:
         request = stream.request

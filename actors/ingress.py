@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +48,7 @@ from .api import (
 from .config import DeploymentConfig
 from .engine_runner import sim_token_id
 from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, TurnWork
+from .names import NAMESPACE, executor_name, worker_name
 from .scheduler import ONE_SHOT_PREFIX, SessionError
 
 log = logging.getLogger(__name__)
@@ -140,9 +142,8 @@ class _Turn:
         finished = False
         try:
             while self.done is None:
-                stream = self.grant.worker.generate.options(num_returns="streaming").remote(
-                    self._work()
-                )
+                worker = self.ingress.worker(self.grant.engine_id)
+                stream = worker.generate.options(num_returns="streaming").remote(self._work())
                 try:
                     async for ref in stream:
                         item = await ref
@@ -167,7 +168,8 @@ class _Turn:
         try:
             while self.done is None:
                 try:
-                    ids, self.done = await self.grant.worker.run_turn.remote(self._work())
+                    worker = self.ingress.worker(self.grant.engine_id)
+                    ids, self.done = await worker.run_turn.remote(self._work())
                 except RayActorError as exc:
                     await self._retry(exc)
             self._report_end()
@@ -359,6 +361,24 @@ class Ingress:
         self.max_context_tokens = min(limit, self.runtime.max_context_tokens)
         self.started_s = time.time()
 
+    # -- actor handles ---------------------------------------------------------------
+    # Handles are looked up by name once and cached: sending them in every grant costs
+    # more than the decision itself. An executor re-created after a failure has a new
+    # handle: its name is looked up again.
+    def worker(self, engine_id: int) -> Any:
+        handle = self.runtime.workers.get(engine_id)
+        if handle is None:
+            handle = ray.get_actor(worker_name(engine_id), namespace=NAMESPACE)
+            self.runtime.workers[engine_id] = handle
+        return handle
+
+    def executor(self, node: int) -> Any:
+        handle = self.runtime.executors.get(node)
+        if handle is None:
+            handle = ray.get_actor(executor_name(node), namespace=NAMESPACE)
+            self.runtime.executors[node] = handle
+        return handle
+
     # -- auth and helpers -----------------------------------------------------------
     def _check_key(self, request: Request) -> None:
         key = self.config.api_key
@@ -461,7 +481,8 @@ class Ingress:
         attempts = self.config.tools.max_attempts
         last_error = ""
         for attempt in range(1, attempts + 1):
-            node, executor = await self._call(self.scheduler.tool_executor_for.remote(session_id))
+            node = await self._call(self.scheduler.tool_executor_for.remote(session_id))
+            executor = self.executor(node)
             try:
                 if body.replay is not None:
                     r = body.replay
@@ -471,6 +492,7 @@ class Ingress:
                 outcome = await ref
             except RayActorError as exc:
                 last_error = repr(exc)
+                self.runtime.executors.pop(node, None)  # its replacement has a new handle
                 await self._call(self.scheduler.tool_executor_failed.remote(node, last_error))
                 continue
             except Exception as exc:

@@ -4,7 +4,7 @@ executors: explicit, frozen, picklable types (no dicts across actor boundaries).
 One turn, end to end::
 
     ingress --begin_turn(TurnAsk)--> GlobalScheduler      (waits for admission + placement)
-    ingress <--TurnGrant------------ GlobalScheduler      (engine id, worker handle, MLFQ inputs)
+    ingress <--TurnGrant------------ GlobalScheduler      (engine id, MLFQ inputs)
     ingress --generate(TurnWork)--> GPUWorker             (streams TokenChunk ..., then TurnDone)
     ingress --end_turn(TurnReport)--> GlobalScheduler     (service, tool clock starts)
     ingress --run/replay--> ToolExecutor --ToolOutcome-->  (then the next begin_turn)
@@ -13,7 +13,6 @@ One turn, end to end::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +34,7 @@ class TurnGrant:
 
     session_id: str
     turn_index: int
-    engine_id: int
-    worker: Any  # the GPUWorker actor handle
+    engine_id: int  # the ingress holds the workers' handles (by name), not the grant
     prior_context_tokens: int  # context the engine may hold from the session's last turn
     session_service_tokens: int  # attained service across GPUs (global MLFQ)
     session_service_s: float

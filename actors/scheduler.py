@@ -25,6 +25,7 @@ import logging
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,6 @@ from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_ACTOR_NAME = "mars-global-scheduler"
 SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
 TURN_END_GRACE_S = 1.0  # wall seconds a turn waits for its predecessor's end report
 ONE_SHOT_PREFIX = "req-"  # ids the ingress gives requests that name no session
@@ -236,7 +236,6 @@ class GlobalSchedulerImpl:
             session_id=live.session_id,
             turn_index=ask.turn_index,
             engine_id=engine_id,
-            worker=self.workers[engine_id],
             prior_context_tokens=live.context_tokens
             if ask.prompt_tokens >= live.context_tokens
             else 0,
@@ -350,15 +349,18 @@ class GlobalSchedulerImpl:
             self.alive.discard(engine_id)
 
     # -- tools -----------------------------------------------------------------------
-    def tool_executor_for(self, session_id: str) -> tuple[int, Any]:
-        """The executor on the node of the session's last GPU (tool output stays local)."""
+    def tool_executor_for(self, session_id: str) -> int:
+        """The node whose executor runs the session's tool: the node of its last GPU
+        (tool output stays local), else any node with an executor."""
         live = self._session(session_id)
         if not self.tool_executors:
             raise SessionError("no tool executor is running", status=503)
         node = self.engine_nodes.get(live.engine_id or 0, 0)
         if node not in self.tool_executors:
-            node = sorted(self.tool_executors)[hash(session_id) % len(self.tool_executors)]
-        return node, self.tool_executors[node]
+            node = sorted(self.tool_executors)[
+                zlib.crc32(session_id.encode()) % len(self.tool_executors)
+            ]
+        return node
 
     def tool_executor_failed(self, node: int, reason: str) -> None:
         log.warning("tool executor on node %d failed (%s)", node, reason)
@@ -540,7 +542,7 @@ class GlobalScheduler:
     async def tool_finished(self, session_id: str, tool_s: float) -> None:
         self._impl.tool_finished(session_id, tool_s)
 
-    async def tool_executor_for(self, session_id: str) -> tuple[int, Any]:
+    async def tool_executor_for(self, session_id: str) -> int:
         return self._impl.tool_executor_for(session_id)
 
     async def tool_executor_failed(self, node: int, reason: str) -> None:

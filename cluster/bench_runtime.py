@@ -140,14 +140,19 @@ def run_ray(
 def _inject(faults: Sequence[Fault], running: object, stop: threading.Event) -> None:
     import ray
 
-    from .launch import NAMESPACE, executor_name, worker_name
+    from mars_ray.actors.names import (
+        NAMESPACE,
+        SCHEDULER_ACTOR_NAME,
+        executor_name,
+        worker_name,
+    )
 
     started = time.monotonic()
     for fault in sorted(faults, key=lambda f: f.at_s):
         if stop.wait(max(0.0, fault.at_s - (time.monotonic() - started))):
             return
         if fault.kind == "kill-gpu-worker":
-            scheduler = ray.get_actor("mars-global-scheduler", namespace=NAMESPACE)
+            scheduler = ray.get_actor(SCHEDULER_ACTOR_NAME, namespace=NAMESPACE)
             status = cast(dict[str, Any], ray.get(scheduler.status.remote()))
             alive = status["alive_engines"]
             if alive:

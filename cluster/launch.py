@@ -27,21 +27,18 @@ from ray.util.scheduling_strategies import (
 )
 
 from mars_ray.actors.config import DeploymentConfig
+from mars_ray.actors.names import (
+    NAMESPACE,
+    PG_NAME,
+    SCHEDULER_ACTOR_NAME,
+    executor_name,
+    worker_name,
+)
 from mars_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "mars"
-PG_NAME = "mars-gpu-workers"
 READY_TIMEOUT_S = 120.0
-
-
-def worker_name(engine_id: int) -> str:
-    return f"mars-gpu-worker-{engine_id}"
-
-
-def executor_name(node_index: int) -> str:
-    return f"mars-tool-executor-{node_index}"
 
 
 @dataclass
@@ -119,7 +116,7 @@ class RuntimeHandles:
 def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
     """Create the deployment's actors, or find them if they exist (idempotent)."""
     from mars_ray.actors.gpu_worker import GPUWorker
-    from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME, GlobalScheduler
+    from mars_ray.actors.scheduler import GlobalScheduler
 
     num_gpus = config.cluster.num_gpus
     pg = _placement_group(num_gpus, config.placement_strategy)
@@ -168,8 +165,6 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
 def find_runtime(config: DeploymentConfig) -> RuntimeHandles | None:
     """Find the live actors of a deployment by name (a restarted scheduler rebuilds its
     registry this way); None if no GPU worker is alive."""
-    from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME
-
     try:
         scheduler = ray.get_actor(SCHEDULER_ACTOR_NAME, namespace=NAMESPACE)
     except ValueError:
@@ -267,8 +262,6 @@ def _head_node() -> NodeAffinitySchedulingStrategy:
 
 def teardown_runtime(num_gpus: int) -> None:
     """Kill the deployment's named actors and release its GPUs."""
-    from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME
-
     names = [SCHEDULER_ACTOR_NAME, *(worker_name(i) for i in range(num_gpus))]
     names += [executor_name(i) for i in range(num_gpus)]
     for name in names:

@@ -76,7 +76,7 @@ def test_health_models_and_openapi_match_the_routes(http: httpx.Client) -> None:
 def test_gpu_workers_are_spread_over_the_two_nodes(deployment: RunningDeployment) -> None:
     import ray
 
-    from mars_ray.cluster.launch import NAMESPACE, worker_name
+    from mars_ray.actors.names import NAMESPACE, worker_name
 
     nodes = {
         ray.get(ray.get_actor(worker_name(i), namespace=NAMESPACE).ready.remote())["node_id"]

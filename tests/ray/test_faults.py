@@ -14,8 +14,7 @@ import ray
 
 from mars_ray.actors.config import deployment_config
 from mars_ray.actors.engine_runner import sim_token_id
-from mars_ray.actors.scheduler import SCHEDULER_ACTOR_NAME
-from mars_ray.cluster.launch import NAMESPACE, executor_name, worker_name
+from mars_ray.actors.names import NAMESPACE, SCHEDULER_ACTOR_NAME, executor_name, worker_name
 from mars_ray.cluster.serving import RunningDeployment, running_deployment
 
 TIME_SCALE = 5.0
