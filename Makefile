@@ -24,8 +24,9 @@ venv: $(STAMP)
 VLLM_STAMP = $(VENV)/.installed-vllm
 $(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip install -q 'ray[llm]==2.60.0' torch==2.13.0
-	$(BIN)/pip uninstall -q -y torchvision torchaudio
 	$(BIN)/pip install -q -e '.[dev,vllm]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio
+	$(BIN)/python -c 'import vllm' || { echo 'error: vllm does not import'; exit 1; }
 	touch $(VLLM_STAMP)
 
 venv-vllm: $(VLLM_STAMP)

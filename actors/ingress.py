@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from mars_ray.errors import MarsError
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 64 << 20
-MAX_TOOL_ATTEMPTS_DEFAULT = 3
+SCHEDULER_RESTART_WAIT_S = 30.0
 
 
 class ApiError(Exception):
@@ -183,8 +183,8 @@ class _Turn:
         log.warning(
             "turn %s/%d lost its worker: %r", self.ask.session_id, self.grant.turn_index, exc
         )
-        self.grant = await self.ingress._call(
-            self.ingress.scheduler.retry_turn.remote(self._ask(), self.grant.engine_id, repr(exc))
+        self.grant = await self.ingress._sched(
+            "retry_turn", self._ask(), self.grant.engine_id, repr(exc)
         )
 
     def _report_end(self) -> None:
@@ -391,9 +391,29 @@ class Ingress:
                 401, "missing or wrong API key (Authorization: Bearer <key>)", "unauthorized"
             )
 
-    async def _call(self, ref: Any) -> Any:
+    async def _sched(self, method: str, *args: Any) -> Any:
+        """Call the global scheduler; while it restarts (ActorUnavailableError), retry
+        for up to SCHEDULER_RESTART_WAIT_S before answering 503."""
+        deadline = time.monotonic() + SCHEDULER_RESTART_WAIT_S
+        while True:
+            try:
+                return await self._call(getattr(self.scheduler, method).remote(*args), retry=True)
+            except ActorUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise ApiError(
+                        503, f"global scheduler unavailable: {exc!r}", "unavailable"
+                    ) from None
+                await asyncio.sleep(0.2)
+
+    async def _call(self, ref: Any, retry: bool = False) -> Any:
         try:
             return await ref
+        except ActorUnavailableError:
+            if retry:
+                raise
+            raise ApiError(
+                503, "runtime unavailable: ActorUnavailableError", "unavailable"
+            ) from None
         except RayActorError as exc:
             raise ApiError(
                 503, f"runtime unavailable: {exc.__class__.__name__}", "unavailable"
@@ -437,7 +457,7 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        text = await self._call(self.scheduler.metrics_text.remote())
+        text = await self._sched("metrics_text")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- sessions ----------------------------------------------------------------------
@@ -446,21 +466,19 @@ class Ingress:
         self, request: Request, body: OpenSessionRequest | None = None
     ) -> dict[str, Any]:
         self._check_key(request)
-        sid = await self._call(
-            self.scheduler.open_session.remote(body.session_id if body else None)
-        )
+        sid = await self._sched("open_session", body.session_id if body else None)
         return {"session_id": sid, "object": "session"}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> dict[str, Any]:
         self._check_key(request)
-        info = await self._call(self.scheduler.session_info.remote(session_id))
+        info = await self._sched("session_info", session_id)
         return {"object": "session", **info}
 
     @app.delete("/v1/sessions/{session_id}")
     async def close_session(self, session_id: str, request: Request) -> dict[str, Any]:
         self._check_key(request)
-        summary = await self._call(self.scheduler.close_session.remote(session_id))
+        summary = await self._sched("close_session", session_id)
         for executor in self.runtime.executors.values():
             executor.close_session.remote(session_id)
         return {"object": "session.summary", **_asdict(summary), "slowdown": summary.slowdown}
@@ -470,7 +488,7 @@ class Ingress:
         self, session_id: str, body: ToolEvent, request: Request
     ) -> dict[str, Any]:
         self._check_key(request)
-        await self._call(self.scheduler.tool_finished.remote(session_id, body.tool_s))
+        await self._sched("tool_finished", session_id, body.tool_s)
         return {"session_id": session_id, "recorded_tool_s": body.tool_s}
 
     @app.post("/v1/sessions/{session_id}/tools")
@@ -481,8 +499,13 @@ class Ingress:
         attempts = self.config.tools.max_attempts
         last_error = ""
         for attempt in range(1, attempts + 1):
-            node = await self._call(self.scheduler.tool_executor_for.remote(session_id))
-            executor = self.executor(node)
+            node = await self._sched("tool_executor_for", session_id)
+            try:
+                executor = self.executor(node)
+            except ValueError:  # gone by name: its node was removed, or it is restarting
+                last_error = f"no tool executor on node {node}"
+                await self._sched("tool_executor_failed", node, last_error)
+                continue
             try:
                 if body.replay is not None:
                     r = body.replay
@@ -493,7 +516,7 @@ class Ingress:
             except RayActorError as exc:
                 last_error = repr(exc)
                 self.runtime.executors.pop(node, None)  # its replacement has a new handle
-                await self._call(self.scheduler.tool_executor_failed.remote(node, last_error))
+                await self._sched("tool_executor_failed", node, last_error)
                 continue
             except Exception as exc:
                 cause = getattr(exc, "cause", exc)
@@ -505,7 +528,7 @@ class Ingress:
                 if body.replay is not None
                 else outcome.wall_s * self.config.time_scale
             )
-            await self._call(self.scheduler.tool_finished.remote(session_id, tool_s))
+            await self._sched("tool_finished", session_id, tool_s)
             return {"object": "tool.result", **_asdict(outcome), "attempts": attempt}
         raise ApiError(503, f"tool call failed {attempts} times: {last_error}", "tool_failed")
 
@@ -550,7 +573,7 @@ class Ingress:
             expected_tool_s=hints.expected_tool_s if hints else None,
             tool_s=hints.tool_s if hints else None,
         )
-        grant = await self._call(self.scheduler.begin_turn.remote(ask))
+        grant = await self._sched("begin_turn", ask)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         turn = _Turn(self, ask, grant)
         if body.stream:

@@ -485,13 +485,15 @@ async def _await_ref(ref: Any) -> Any:
     return await ref
 
 
-@ray.remote(num_cpus=0, max_restarts=1, max_concurrency=100_000)  # type: ignore[call-overload]  # Ray stubs lack actor options
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100_000)  # type: ignore[call-overload]  # Ray stubs lack actor options
 class GlobalScheduler:
     """The Ray actor around :class:`GlobalSchedulerImpl` (one per deployment)."""
 
     def __init__(self, config: DeploymentConfig) -> None:
         self._impl = GlobalSchedulerImpl(config)
         self._booted = False
+        self._restarting: set[int] = set()  # nodes whose tool executor is being replaced
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _boot(self) -> None:
         """Start the control tick; after a restart, find the live runtime by name (the
@@ -543,6 +545,11 @@ class GlobalScheduler:
         self._impl.tool_finished(session_id, tool_s)
 
     async def tool_executor_for(self, session_id: str) -> int:
+        deadline = time.monotonic() + 30.0
+        while not self._impl.tool_executors and self._restarting:
+            if time.monotonic() > deadline:  # every executor is being replaced: wait a bit
+                break
+            await asyncio.sleep(0.1)
         return self._impl.tool_executor_for(session_id)
 
     async def tool_executor_failed(self, node: int, reason: str) -> None:
@@ -552,17 +559,27 @@ class GlobalScheduler:
         impl = self._impl
         impl.tool_executor_failed(node, reason)
         ray_id = impl.node_ray_ids.get(node)
-        if ray_id is None:
+        if ray_id is None or node in self._restarting:
             return
         gpus = sum(1 for n in impl.engine_nodes.values() if n == node)
-        try:
-            fresh = await asyncio.to_thread(
-                ensure_tool_executors, impl.config, {node: ray_id}, {node: gpus}
-            )
-        except Exception as exc:  # the node itself is gone: other nodes take its tools
-            log.warning("could not restart the tool executor of node %d: %r", node, exc)
-            return
-        impl.register_tool_executors(fresh)
+
+        async def restart() -> None:
+            # In the background: the caller retries on another node meanwhile.
+            try:
+                fresh = await asyncio.to_thread(
+                    ensure_tool_executors, impl.config, {node: ray_id}, {node: gpus}
+                )
+            except Exception as exc:  # the node itself is gone: other nodes take its tools
+                log.warning("could not restart the tool executor of node %d: %r", node, exc)
+                return
+            finally:
+                self._restarting.discard(node)
+            impl.register_tool_executors(fresh)
+
+        self._restarting.add(node)
+        task = asyncio.get_running_loop().create_task(restart())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close_session(
         self, session_id: str, failed_reason: str | None = None

@@ -247,17 +247,21 @@ def _placement_group(num_gpus: int, strategy: str) -> Any:
 
 def _head_node() -> NodeAffinitySchedulingStrategy:
     """Pin to the head node: it outlives worker nodes (removal, scale-down), so the
-    single source of session state does not move with them. Soft: if the head cannot
-    be told apart, anywhere will do."""
+    single source of session state does not move with them. If the head cannot be
+    told apart, the calling node (softly)."""
     head = next(
         (
             n["NodeID"]
             for n in ray.nodes()
             if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})
         ),
-        ray.get_runtime_context().get_node_id(),
+        None,
     )
-    return NodeAffinitySchedulingStrategy(head, soft=True)
+    if head is None:
+        return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # Hard: a restarted scheduler must come back on the head too, not on a worker node
+    # that may be removed next (it needs no CPU, so the head always has room).
+    return NodeAffinitySchedulingStrategy(head, soft=False)
 
 
 def teardown_runtime(num_gpus: int) -> None:

@@ -142,7 +142,7 @@ def test_a_tool_worker_killed_mid_call_is_retried_and_replaced(http: httpx.Clien
     assert "error" not in box, repr(box.get("error"))
     response = box["result"]
     assert response.status_code == 200, response.text
-    assert response.json()["attempts"] == 2
+    assert response.json()["attempts"] >= 2  # every executor was killed: maybe twice
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(http.get("/readyz").json()["tool_nodes"]) < 2:
         time.sleep(0.2)
