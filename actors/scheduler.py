@@ -257,11 +257,8 @@ class GlobalSchedulerImpl:
         live.attempt += 1
         self.num_turn_retries += 1
         self.telemetry.turn_retried()
-        state = self.cluster.sessions[live.session_id]
-        loads = self._live_loads()
-        engine_id = self.cluster._placement.place_continuation(live.session_id, None, loads)
-        state.last_engine_id = engine_id
-        return self._grant(live, ask, engine_id)
+        placement = self.cluster.on_engine_lost(live.session_id, self._live_loads())
+        return self._grant(live, ask, placement.engine_id)
 
     def abandon_turn(self, session_id: str, turn_index: int) -> None:
         """A turn's caller went away before it ended: the session may try it again; a

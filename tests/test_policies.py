@@ -874,3 +874,25 @@ def test_import_path_loads_an_out_of_tree_policy(monkeypatch: pytest.MonkeyPatch
         get_policy("my_policies:MISSING")
     with pytest.raises(UnknownNameError, match="cannot import policy 'no_such_mod_xyz:X'"):
         get_policy("no_such_mod_xyz:X")
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_turn_whose_engine_died_is_placed_on_a_live_engine_and_queued_sessions_leave() -> None:
+    scheduler = cluster_scheduler(
+        "mars", num_engines=2, window_init_per_gpu=1, window_min_per_gpu=1, window_max_per_gpu=1
+    )
+    loads = [EngineLoad(0, 0, 0.0, 0, 0), EngineLoad(1, 0, 0.0, 0, 0)]
+    started = scheduler.on_session_arrival(ticket("a", 0.0), 0.0, loads)
+    started += scheduler.on_session_arrival(ticket("b", 0.1), 0.1, loads)
+    assert [p.session_id for p in started] == ["a", "b"]  # window of 2 (1 per GPU)
+    assert scheduler.on_session_arrival(ticket("c", 0.2), 0.2, loads) == []  # queued
+    lost_engine = scheduler.sessions["a"].last_engine_id
+    live = [load for load in loads if load.engine_id != lost_engine]
+    placement = scheduler.on_engine_lost("a", live)
+    assert placement.engine_id != lost_engine
+    assert scheduler.sessions["a"].last_engine_id == placement.engine_id
+    assert scheduler.on_session_cancelled("c", 0.3, live) == []  # left the queue
+    assert scheduler.num_queued() == 0
+    scheduler.check_invariants()

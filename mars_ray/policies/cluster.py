@@ -136,6 +136,14 @@ class ClusterScheduler:
         state.last_engine_id = engine_id
         return Placement(session_id, state.next_turn, engine_id)
 
+    def on_engine_lost(self, session_id: str, engines: Sequence[EngineLoad]) -> Placement:
+        """The engine running the session's turn failed: place the turn again on one of
+        ``engines`` (the live ones) as if the session had no KV anywhere."""
+        state = self.sessions[session_id]
+        engine_id = self._placement.place_continuation(session_id, None, engines)
+        state.last_engine_id = engine_id
+        return Placement(session_id, state.next_turn, engine_id)
+
     def on_session_finished(
         self, session_id: str, now_s: float, engines: Sequence[EngineLoad]
     ) -> list[Placement]:
