@@ -48,7 +48,7 @@ DEFAULT_GPU: str = _CLUSTER_FIELDS["gpu"].default
 DEFAULT_MODEL: str = _CLUSTER_FIELDS["model"].default
 DEFAULT_CPU_CORES_PER_GPU: int = _CLUSTER_FIELDS["cpu_cores_per_gpu"].default
 FALLBACK_MAX_CONTEXT_TOKENS = 131_072
-AVAILABLE_RUNTIMES = ("sim", "ray")
+AVAILABLE_RUNTIMES = ("sim", "ray", "vllm")
 MARS = "mars"
 
 
@@ -84,7 +84,7 @@ class BenchConfig(FrozenConfig):
     out_dir: Path = DEFAULT_OUT_DIR
     runtime: Literal["sim", "vllm", "ray"] = "sim"
     time_scale: float = Field(
-        10.0, gt=0, description="ray runtime: simulated seconds per wall second"
+        10.0, gt=0, description="ray and vllm runtimes: simulated seconds per wall second"
     )
     faults: tuple[str, ...] = Field((), description="ray runtime: KIND@SECONDS fault injections")
     address: str | None = Field(None, description="ray runtime: join this Ray cluster")
@@ -185,7 +185,7 @@ def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = Non
     if config.num_sessions is not None:
         args += ["--sessions", str(config.num_sessions)]
     args += ["--seed", str(config.seed), "--out", str(config.out_dir), "--runtime", config.runtime]
-    if config.runtime == "ray":
+    if config.runtime in ("ray", "vllm"):
         args += ["--time-scale", f"{config.time_scale:g}"]
         for fault in config.faults:
             args += ["--fault", fault]
@@ -508,6 +508,19 @@ def _run_one(
             seed=config.seed,
             on_progress=on_progress,
         )
+    if config.runtime == "vllm":
+        from mars_ray.vllm.bench_runtime import run_vllm
+
+        return run_vllm(
+            sessions,
+            policy,
+            cluster=plan.cluster,
+            engine=plan.engine,
+            time_scale=config.time_scale,
+            seed=config.seed,
+            rate_per_s=point.rate_per_s,
+            on_progress=on_progress,
+        )
     result = simulate(
         sessions,
         policy,
@@ -820,10 +833,15 @@ def bench_command(
     seed: Annotated[int, typer.Option("--seed", help="seed of workload and arrivals")] = 0,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = DEFAULT_OUT_DIR,
     runtime: Annotated[
-        str, typer.Option("--runtime", help="sim, or ray (a live deployment, replayed over HTTP)")
+        str,
+        typer.Option(
+            "--runtime",
+            help="sim, ray (a live deployment, replayed over HTTP), or vllm (real vLLM "
+            "engines with MarsScheduler on simulated GPUs; needs the vllm extra)",
+        ),
     ] = "sim",
     time_scale: Annotated[
-        float, typer.Option("--time-scale", help="ray: simulated seconds per wall second")
+        float, typer.Option("--time-scale", help="ray, vllm: simulated seconds per wall second")
     ] = 10.0,
     fault: Annotated[
         list[str] | None,

@@ -55,7 +55,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["--workload", "swe", "--trace", "t.parquet"], "either --workload or --trace, not both"),
         (["--rates", "0.1", "--load", "0.5"], "either --rates or --load, not both"),
         (["--policies", "mars,mars"], "--policies names a policy twice"),
-        (["--runtime", "vllm"], "runtime 'vllm' is not available yet in bench; use --runtime sim"),
+        (["--runtime", "tpu"], "unknown runtime 'tpu'; known: sim, vllm, ray"),
         (["--fault", "kill-gpu-worker@3s"], "--fault needs --runtime ray"),
         (["--runtime", "ray", "--fault", "explode@3"], "bad --fault 'explode@3'"),
         (["--runtime", "tpu"], "unknown runtime 'tpu'"),

@@ -17,8 +17,9 @@ Named by ``distributed_executor_backend`` (the class, or the string
   per-step constant already prices a real engine's overhead, which async scheduling
   hides on GPUs (vLLM's CPU platform turns async scheduling off, so without this
   every step would also pay this machine's scheduling time). Only when a step's
-  CPU work outlasts the step itself does the timeline fall behind; ``late_s``
-  adds up by how much the outputs came after their timeline end.
+  CPU work outlasts the step itself does the timeline fall behind (it catches up
+  on later steps); ``timeline.late_s`` / ``timeline.max_late_s`` say by how much
+  outputs came after their timeline end (wall seconds, summed over steps / at worst).
   Then every request whose chunk reaches the end of its known tokens samples one
   token.
 * Tokens are deterministic: the token at sequence position ``p`` is
@@ -116,6 +117,31 @@ class StepShape:
 
 
 @dataclass(slots=True)
+class DeviceTimeline:
+    """When each step's output is ready on the simulated device (monotonic seconds).
+
+    A step starts when the previous one ends if the engine was left busy by it (it
+    would have launched the next step ahead, as async scheduling does on GPUs), else
+    when it was submitted; it ends ``duration_s`` later.
+    """
+
+    free_at: float = 0.0  # when the last step ends
+    late_s: float = 0.0  # summed over steps: how long after its end each output came
+    max_late_s: float = 0.0
+
+    def end_of(self, submitted_at: float, duration_s: float, busy: bool) -> float:
+        """Place a step on the timeline; returns its end."""
+        start = self.free_at if busy else max(self.free_at, submitted_at)
+        self.free_at = start + duration_s
+        return self.free_at
+
+    def on_late(self, late_s: float) -> None:
+        """The output was delivered ``late_s`` after its end (this machine was slow)."""
+        self.late_s += late_s
+        self.max_late_s = max(self.max_late_s, late_s)
+
+
+@dataclass(slots=True)
 class _SeqState:
     """The simulated model runner's view of one request."""
 
@@ -209,11 +235,10 @@ class SimulatedExecutor(Executor):
         # engine may schedule the next step while this one "computes".
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mars-sim-gpu")
         self._pending_output: ModelRunnerOutput | None = None
-        self._device_free_at = 0.0  # monotonic time the last step ends on the timeline
+        self.timeline = DeviceTimeline()
         self._busy_after_last_step = False  # requests were left unfinished by it
         self.num_steps = 0
         self.simulated_busy_s = 0.0
-        self.late_s = 0.0  # wall seconds outputs came after their timeline end
 
     # -- KV cache set-up -----------------------------------------------------
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
@@ -284,16 +309,12 @@ class SimulatedExecutor(Executor):
 
     def _sleep_on_timeline(self, submitted_at: float, duration_s: float) -> None:
         """Sleep until the step's end on the device timeline (see the module docstring)."""
-        start = self._device_free_at
-        if not self._busy_after_last_step:  # idle since: the step starts when submitted
-            start = max(start, submitted_at)
-        end = start + duration_s
-        self._device_free_at = end
+        end = self.timeline.end_of(submitted_at, duration_s, self._busy_after_last_step)
         delay_s = end - time.monotonic()
         if delay_s > 0:
             time.sleep(delay_s)
         else:
-            self.late_s -= delay_s
+            self.timeline.on_late(-delay_s)
 
     def _take_output(self) -> ModelRunnerOutput:
         output, self._pending_output = self._pending_output, None
@@ -339,7 +360,8 @@ class SimulatedExecutor(Executor):
         return {
             "num_steps": self.num_steps,
             "simulated_busy_s": self.simulated_busy_s,
-            "late_s": self.late_s,
+            "late_s": self.timeline.late_s,
+            "max_late_s": self.timeline.max_late_s,
         }
 
     def check_health(self) -> None:

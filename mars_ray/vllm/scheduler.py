@@ -20,6 +20,12 @@ unchanged; MARS acts through five narrow overrides:
    ``chunk_quantum_tokens`` (MLFQ: the level's quantum) caps a prefill chunk while
    other requests compete, and a running prefill whose chunk does not fit in the
    free blocks is halved (down to one block) before vLLM would preempt anyone.
+   Quanta are shares, not limits: budget the step would leave unused once every
+   live request had its quantum goes back to capped prefills in scheduling order
+   (work conservation, as the simulator's engine does), estimated when the first
+   cap of a pass binds (waiting requests count their whole prompt, since their
+   prefix hits are not known yet, so the estimate errs towards capping; only as
+   many as ``max_num_seqs`` leaves room for count).
 4. **Feedback** - after ``schedule()`` the policy's ``on_scheduled`` sees each
    request's tokens (demotion), the view rewound to its pre-step token count;
    ``_preempt_request`` first tells the policy (the victim re-enters level 0 at
@@ -36,7 +42,10 @@ Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``)
 * ``Scheduler.waiting``, ``Scheduler.skipped_waiting`` (``RequestQueue``),
   ``Scheduler.running`` (list; FCFS preemption pops its last element),
   ``Scheduler.requests``, ``Scheduler.policy``, ``Scheduler.defer_block_free``,
-  ``Scheduler.num_lookahead_tokens``;
+  ``Scheduler.num_lookahead_tokens``, ``Scheduler.max_num_scheduled_tokens`` (the
+  step's token budget), ``Scheduler.max_num_running_reqs``; ``Request``
+  ``num_tokens_with_spec`` / ``num_output_placeholders`` (what ``schedule()`` would
+  give a running request, for the leftover estimate);
 * ``Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)``;
 * ``Scheduler._preempt_request(request, timestamp, drop_stale_output=False)``;
 * ``Scheduler._free_request(request, delay_free_blocks=False)``,
@@ -84,11 +93,12 @@ class MarsFeatures:
     chunk_quanta: bool = True  # cap prefill chunks by the policy's quantum under contention
     shrink_chunks: bool = True  # halve chunks before preempting (if the policy shrinks)
     retention: bool = True  # order freed blocks by the retention decision
+    work_conserving: bool = True  # budget the quanta leave unused goes to capped prefills
 
     @classmethod
     def off(cls) -> MarsFeatures:
         """Every override off: the scheduler decides exactly as vLLM's does."""
-        return cls(False, False, False, False, False)
+        return cls(**{f.name: False for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +183,8 @@ class MarsScheduler(AsyncScheduler):
         # newest-first victims are vLLM's own order: sorting would only cost time
         self._victim_order = features.victim_order and policy.custom_victim_order
         self._chunk_quanta = features.chunk_quanta
+        self._work_conserving = features.work_conserving
+        self._spare_tokens: int | None = None  # this pass's unreserved budget, once estimated
         single_group = len(self.kv_cache_config.kv_cache_groups) == 1
         self._shrink_chunks = features.shrink_chunks and policy.shrink_chunks and single_group
         self._retention = features.retention
@@ -217,6 +229,7 @@ class MarsScheduler(AsyncScheduler):
         for queue in (self.waiting, self.skipped_waiting):
             if isinstance(queue, PolicyRequestQueue):
                 queue.refresh()
+        self._spare_tokens = None
         if self._victim_order and len(self.running) > 1:
             views, rank, now_s = self._views, self.policy_core.victim_rank, self._now_s()
             # every running request came through add_request, so it has a view
@@ -250,11 +263,62 @@ class MarsScheduler(AsyncScheduler):
         view = self._views.get(request.request_id)
         if view is not None and self._chunk_quanta:
             quantum = self.policy_core.chunk_quantum_tokens(view)
-            if quantum is not None and self._has_contention():
-                num_new_tokens = min(num_new_tokens, quantum)
+            if quantum is not None and num_new_tokens > quantum and self._has_contention():
+                num_new_tokens = quantum + self._take_spare_tokens(num_new_tokens - quantum)
         if self._shrink_chunks and request.status == RequestStatus.RUNNING:
             num_new_tokens = self._shrink_to_fit(request, num_computed_tokens, num_new_tokens)
         return num_new_tokens
+
+    def _take_spare_tokens(self, wanted: int) -> int:
+        """Up to ``wanted`` tokens of the budget this pass's quanta leave unused."""
+        if not self._work_conserving:
+            return 0
+        if self._spare_tokens is None:  # first cap of the pass: estimate once
+            self._spare_tokens = self._unreserved_budget()
+        extra = min(wanted, self._spare_tokens)
+        self._spare_tokens -= extra
+        return extra
+
+    def _unreserved_budget(self) -> int:
+        """The step's token budget minus what the requests that can run this step would
+        take under their quanta (pre-step counts: vLLM advances them after the pass).
+
+        Those are the running requests and as many waiting ones as ``max_num_seqs``
+        leaves room for; when more wait than that, each free slot is counted at the
+        queue head's quantum (levels only lower it further down the queue).
+        """
+        budget = self.max_num_scheduled_tokens
+        for request in self.running:
+            budget -= self._reserved_tokens(request)
+            if budget <= 0:
+                return 0
+        num_slots = self.max_num_running_reqs - len(self.running)
+        queues = [q for q in (self.waiting, self.skipped_waiting) if q]
+        num_waiting = sum(len(q) for q in queues)
+        if num_waiting <= num_slots:
+            budget -= sum(self._reserved_tokens(r) for q in queues for r in q)
+        elif num_slots > 0:
+            budget -= num_slots * self._head_quantum(queues[0].peek_request())
+        return max(0, budget)
+
+    def _reserved_tokens(self, request: Request) -> int:
+        """Tokens ``request`` would be scheduled this step under its quantum."""
+        remaining = (
+            request.num_tokens_with_spec
+            + request.num_output_placeholders
+            - request.num_computed_tokens
+        )
+        view = self._views.get(request.request_id)
+        if remaining > 1 and view is not None:
+            quantum = self.policy_core.chunk_quantum_tokens(view)
+            if quantum is not None:
+                return min(remaining, quantum)
+        return max(0, remaining)
+
+    def _head_quantum(self, head: Request) -> int:
+        view = self._views.get(head.request_id)
+        quantum = None if view is None else self.policy_core.chunk_quantum_tokens(view)
+        return self.max_num_scheduled_tokens if quantum is None else quantum
 
     def _has_contention(self) -> bool:
         """Quanta only bind while others compete: a request alone is never slowed."""

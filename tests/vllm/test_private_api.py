@@ -64,8 +64,15 @@ def test_kv_cache_internals_we_touch_exist(tiny_model_dir: Path) -> None:
         "num_lookahead_tokens",
         "kv_cache_manager",
         "block_size",
+        "max_num_scheduled_tokens",
+        "max_num_running_reqs",
     ):
         assert hasattr(sched, name), f"Scheduler.{name} is gone"
+    source = inspect.getsource(Scheduler.schedule)
+    assert "token_budget = self.max_num_scheduled_tokens" in source  # the leftover estimate
+    assert "request.num_tokens_with_spec\n                + request.num_output_placeholders" in (
+        source
+    )
     assert isinstance(sched.running, list)
     assert isinstance(sched.kv_cache_manager.block_pool, BlockPool)
     assert _params(KVCacheManager.pop_blocks_for_free) == ["self", "request"]

@@ -190,3 +190,61 @@ def test_no_block_or_state_leaks_after_random_sessions(tiny_model_dir: Path) -> 
         assert num_free_blocks(sched) <= sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
     assert_no_leak(sched)
     assert sched.num_live_views == 0 and sched.num_session_entries == 0
+
+
+def _two_long_prefills_beside_a_decode(sched: AsyncScheduler) -> dict[str, int]:
+    """A decodes; B and C (3000-token prompts: MLFQ level 1, quantum 1024) arrive."""
+    sched.add_request(make_request("A", 20, 40, hints=_hints("A")))
+    step(sched)  # A's prefill
+    sched.add_request(make_request("B", 3000, 2, hints=_hints("B")))
+    sched.add_request(make_request("C", 3000, 2, hints=_hints("C")))
+    so = step(sched)
+    run_to_completion(sched)
+    assert_no_leak(sched)
+    return dict(so.num_scheduled_tokens)
+
+
+@pytest.mark.parametrize("work_conserving", [True, False])
+def test_quanta_leave_no_budget_unused(tiny_model_dir: Path, work_conserving: bool) -> None:
+    """The simulator hands the budget quanta leave unused to capped prefills in order;
+    so does MarsScheduler: B gets 1024 plus all C does not need of its quantum."""
+    features = MarsFeatures(work_conserving=work_conserving)
+    sched = make_scheduler(
+        MarsScheduler,
+        tiny_model_dir,
+        features=features,
+        num_blocks=600,
+        max_num_batched_tokens=4096,
+        max_model_len=4096,
+    )
+    scheduled = _two_long_prefills_beside_a_decode(sched)
+    if work_conserving:  # 4096 - 1 - 2 x 1024 spare: B takes 1976 of it, C the rest
+        assert scheduled == {"A": 1, "B": 3000, "C": 1095}
+    else:
+        assert scheduled == {"A": 1, "B": 1024, "C": 1024}
+
+
+@pytest.mark.parametrize(("policy", "action"), [("fcfs", "keep_lru"), ("mars", "evict_first")])
+def test_a_last_turn_s_blocks_go_where_the_policy_says(
+    tiny_model_dir: Path, policy: str, action: str
+) -> None:
+    """vLLM's own LRU (fcfs) keeps a finished session's blocks in LRU order, as the
+    simulator does; MARS's retention evicts them first."""
+    sched = make_scheduler(MarsScheduler, tiny_model_dir, policy=policy)
+    assert isinstance(sched, MarsScheduler)
+    sched.add_request(make_request("last", 40, 3, hints=_hints("s", turn=2, last=True)))
+    run_to_completion(sched)
+    assert {a.value: n for a, n in sched.retention_actions.items()} == {action: 1}
+    assert_no_leak(sched)
+
+
+def test_the_policy_clock_runs_at_the_configured_time_scale(tiny_model_dir: Path) -> None:
+    from mars_ray.errors import ConfigError
+    from mars_ray.vllm.scheduler import MarsSchedulerSettings
+
+    settings = MarsSchedulerSettings.from_mapping({"policy": "mars", "time_scale": 20})
+    assert settings.time_scale == 20.0
+    with pytest.raises(ConfigError, match="time_scale must be finite and > 0"):
+        MarsSchedulerSettings.from_mapping({"time_scale": 0})
+    with pytest.raises(ConfigError, match="accepted: policy, gpu, model, features, time_scale"):
+        MarsSchedulerSettings.from_mapping({"clock": 1})
