@@ -32,7 +32,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import (
+    ActorUnavailableError,
+    ObjectLostError,
+    OwnerDiedError,
+    RayActorError,
+    WorkerCrashedError,
+)
 
 from mars_ray.errors import MarsError
 
@@ -56,6 +62,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 64 << 20
 SCHEDULER_RESTART_WAIT_S = 30.0
+# The call's actor or its node went away (not an error the call itself raised):
+# retried elsewhere. A node removal can surface as lost objects rather than a dead actor.
+LOST = (RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError)
 
 
 class ApiError(Exception):
@@ -154,7 +163,7 @@ class _Turn:
                                 yield fresh
                         else:
                             self.done = item
-                except RayActorError as exc:
+                except LOST as exc:
                     await self._retry(exc)
             self._report_end()
             finished = True
@@ -170,7 +179,7 @@ class _Turn:
                 try:
                     worker = self.ingress.worker(self.grant.engine_id)
                     ids, self.done = await worker.run_turn.remote(self._work())
-                except RayActorError as exc:
+                except LOST as exc:
                     await self._retry(exc)
             self._report_end()
             finished = True
@@ -341,7 +350,9 @@ def _asdict(obj: Any) -> dict[str, Any]:
 
 @serve.deployment(
     name="mars-ingress",
-    ray_actor_options={"num_cpus": 0},
+    # On the head node, beside the global scheduler: removing or losing a worker node
+    # must not take the HTTP front door (and the requests in flight) with it.
+    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
     max_ongoing_requests=10_000,
     health_check_period_s=10,
 )
@@ -513,7 +524,7 @@ class Ingress:
                 else:
                     ref = executor.run.remote(session_id, body.argv, body.stdin, body.timeout_s)
                 outcome = await ref
-            except RayActorError as exc:
+            except LOST as exc:
                 last_error = repr(exc)
                 self.runtime.executors.pop(node, None)  # its replacement has a new handle
                 await self._sched("tool_executor_failed", node, last_error)
