@@ -60,7 +60,7 @@ from mars_ray.engine.costmodel import CostModel, Profile, load_profile
 from mars_ray.engine.ideal import session_ideal_s
 from mars_ray.errors import ConfigError, InfeasibleError, MarsError
 from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
-from mars_ray.policies.cluster import ClusterScheduler, Placement
+from mars_ray.policies.cluster import ClusterScheduler, Placement, ToolPoolLoad, scope_signals
 from mars_ray.policies.registry import PolicyConfig, PolicySpec, get_policy
 from mars_ray.results import RequestRecord, RunCounters, RunResult, SessionRecord, TimeSeries
 from mars_ray.session import SessionSpec
@@ -602,12 +602,9 @@ class _Driver:
 
 
 def _pool_signals(pools: Sequence[ToolPool], kv_usages: Sequence[float]) -> ClusterSignals:
-    return ClusterSignals(
-        kv_usage=sum(kv_usages) / len(kv_usages),
-        num_tools_in_flight=sum(p.num_in_flight for p in pools),
-        num_tool_workers=sum(p.num_cores for p in pools),
-        tool_wait_ema_s=sum(p.wait_ema_s for p in pools) / len(pools),
-    )
+    """The simulator's signal aggregation (one place: ``scope_signals``)."""
+    loads = [ToolPoolLoad(p.num_in_flight, p.num_cores, p.wait_ema_s) for p in pools]
+    return scope_signals(kv_usages, loads)
 
 
 # --------------------------------------------------------------------------- entry points
