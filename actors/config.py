@@ -46,7 +46,14 @@ class DeploymentConfig(FrozenConfig):
     policy_config: PolicyConfig = Field(default_factory=PolicyConfig)
     tools: ToolConfig = Field(default_factory=ToolConfig)
     time_scale: float = Field(
-        1.0, gt=0, description="simulated seconds per wall second (sim engine only)"
+        1.0, gt=0, description="simulated seconds per wall second (simulated devices only)"
+    )
+    vllm_model: str | None = Field(
+        None,
+        min_length=1,
+        description="engine=vllm: the model (directory or hub id) each GPU worker loads "
+        "on its GPU; None: a simulated device - vLLM's engine, scheduler and KV cache run "
+        "for real, steps are priced by the cost model of cluster.gpu x cluster.model",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="placement group strategy for the GPU workers' bundles"
@@ -62,7 +69,16 @@ class DeploymentConfig(FrozenConfig):
     def _check(self) -> DeploymentConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.vllm_model is not None and self.engine != "vllm":
+            raise ValueError("vllm_model is given but engine is not 'vllm'")
+        if self.vllm_model is not None and self.time_scale != 1.0:
+            raise ValueError("a real model runs in real time: time_scale must be 1")
         return self
+
+    @property
+    def simulated_device(self) -> bool:
+        """Steps are priced by the cost model (every sim engine; vLLM without a model)."""
+        return self.vllm_model is None
 
 
 def load_policy_config(path: str | os.PathLike[str]) -> PolicyConfig:

@@ -1,10 +1,11 @@
 """``GPUWorker``: one Ray actor per GPU, owning one engine.
 
 ``engine="sim"`` steps a SimEngine in (time-scaled) wall-clock time through
-:class:`SimEngineRunner`. ``engine="vllm"`` (on GPU nodes) is served by Ray Serve
-LLM with ``MarsScheduler`` (see docs/vllm.md); this actor refuses it with a clear
-message rather than pretending. The actor is a thin adapter: placement, priorities
-and retention all come from the policy objects.
+:class:`SimEngineRunner`; ``engine="vllm"`` runs vLLM's ``AsyncLLM`` with
+``MarsScheduler`` through :class:`VllmEngineRunner` (a real model on the actor's
+GPU, or a simulated device on CPU). Both stream the same messages, so the ingress
+and the global scheduler never ask which. The actor is a thin adapter: placement,
+priorities and retention all come from the policy objects.
 """
 
 from __future__ import annotations
@@ -16,24 +17,24 @@ import ray
 
 from mars_ray.engine.costmodel import CostModel, load_profile
 from mars_ray.engine.sim_engine import SimEngine
-from mars_ray.errors import ConfigError
 from mars_ray.policies.registry import get_policy
 from mars_ray.telemetry import EngineSnapshot
 
 from .config import DeploymentConfig
 from .engine_runner import SimEngineRunner
 from .messages import TokenChunk, TurnDone, TurnWork
+from .vllm_runner import VllmEngineRunner
 
 
 class GPUWorkerImpl:
     """The actor's body (also usable without Ray for direct measurements)."""
 
     def __init__(self, engine_id: int, node_index: int, config: DeploymentConfig) -> None:
-        if config.engine != "sim":
-            raise ConfigError(
-                "GPUWorker runs engine='sim' only; serve vLLM with MarsScheduler through Ray "
-                "Serve LLM (docs/vllm.md)"
-            )
+        self.engine_id = engine_id
+        self.runner: SimEngineRunner | VllmEngineRunner
+        if config.engine == "vllm":
+            self.runner = VllmEngineRunner(engine_id, node_index, config)
+            return
         spec = get_policy(config.policy)
         cost = CostModel(load_profile(config.cluster.gpu, config.cluster.model))
         engine = SimEngine(
@@ -43,12 +44,18 @@ class GPUWorkerImpl:
             spec.make_scheduler(config.policy_config),
             node_id=node_index,
         )
-        self.engine_id = engine_id
         self.runner = SimEngineRunner(
             engine, spec.make_retention(config.policy_config), time_scale=config.time_scale
         )
 
+    async def start(self) -> None:
+        """Ready to serve (a vLLM engine is built and warmed up here)."""
+        if isinstance(self.runner, VllmEngineRunner):
+            await self.runner.start()
+
     def max_context_tokens(self) -> int:
+        if isinstance(self.runner, VllmEngineRunner):
+            return self.runner.max_tokens
         return self.runner.engine.max_tokens
 
 
@@ -60,8 +67,9 @@ class GPUWorker:
     def __init__(self, engine_id: int, node_index: int, config: DeploymentConfig) -> None:
         self._impl = GPUWorkerImpl(engine_id, node_index, config)
 
-    def ready(self) -> dict[str, Any]:
-        """Where this worker runs (the caller waits on this before serving)."""
+    async def ready(self) -> dict[str, Any]:
+        """Where this worker runs, once its engine serves (the caller waits on this)."""
+        await self._impl.start()
         ctx = ray.get_runtime_context()
         return {
             "engine_id": self._impl.engine_id,

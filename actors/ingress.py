@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -56,6 +56,7 @@ from .engine_runner import sim_token_id
 from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, TurnWork
 from .names import NAMESPACE, executor_name, worker_name
 from .scheduler import ONE_SHOT_PREFIX, SessionError
+from .tokenizer import make_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,11 @@ def _session_error_from(exc: BaseException) -> BaseException:
 class _Turn:
     """One turn through a GPU worker, retried on another worker if its worker dies."""
 
-    def __init__(self, ingress: Ingress, ask: TurnAsk, grant: TurnGrant) -> None:
+    def __init__(
+        self, ingress: Ingress, ask: TurnAsk, grant: TurnGrant, prompt_ids: tuple[int, ...]
+    ) -> None:
         self.ingress, self.ask, self.grant = ingress, ask, grant
+        self.prompt_ids = prompt_ids  # empty for a simulated engine (it only counts)
         self.done: TurnDone | None = None
         self.created_s = int(time.time())
 
@@ -143,6 +147,7 @@ class _Turn:
             is_last_turn=a.is_last_turn,
             predicted_tool_s=g.predicted_tool_s,
             attempt=g.attempt,
+            prompt_token_ids=self.prompt_ids,
         )
 
     async def tokens(self) -> AsyncIterator[list[int]]:
@@ -285,19 +290,25 @@ def _background(ref: Any, what: str) -> None:
 
 
 def _text(ids: list[int]) -> str:
+    """The simulated model's text of sampled ids (``WordTokenizer`` reads it back)."""
     return "".join(f" t{i}" for i in ids)
 
 
-def _full_response(rid: str, kind: str, model: str, turn: _Turn, ids: list[int]) -> dict[str, Any]:
+Decode = Callable[[list[int]], str]
+
+
+def _full_response(
+    rid: str, kind: str, model: str, turn: _Turn, ids: list[int], decode: Decode
+) -> dict[str, Any]:
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": _text(ids)},
+            "message": {"role": "assistant", "content": decode(ids)},
             "finish_reason": "length",
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": _text(ids), "finish_reason": "length"}
+        choice = {"index": 0, "text": decode(ids), "finish_reason": "length"}
         obj = "text_completion"
     return {
         "id": rid,
@@ -311,7 +322,7 @@ def _full_response(rid: str, kind: str, model: str, turn: _Turn, ids: list[int])
 
 
 async def _sse(
-    turn: _Turn, rid: str, kind: str, model: str, include_usage: bool
+    turn: _Turn, rid: str, kind: str, model: str, include_usage: bool, decode: Decode
 ) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -326,7 +337,7 @@ async def _sse(
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         )
     async for ids in turn.tokens():
-        text = _text(ids)
+        text = decode(ids)  # chunk by chunk (a real tokenizer may split a character)
         if kind == "chat":
             yield event({"index": 0, "delta": {"content": text}, "finish_reason": None})
         else:
@@ -370,6 +381,8 @@ class Ingress:
         self.scheduler = self.runtime.scheduler
         limit = self.config.max_prompt_tokens or self.runtime.max_context_tokens
         self.max_context_tokens = min(limit, self.runtime.max_context_tokens)
+        self.tokenizer = make_tokenizer(self.config)
+        self.decode: Decode = _text if self.tokenizer is None else self.tokenizer.decode
         self.started_s = time.time()
 
     # -- actor handles ---------------------------------------------------------------
@@ -547,14 +560,29 @@ class Ingress:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         self._check_key(request)
-        return await self._generate(body, message_tokens(body.messages), "chat", request)
+        if self.tokenizer is None:
+            return await self._generate(body, message_tokens(body.messages), (), "chat", request)
+        ids = self.tokenizer.chat_ids(body.messages)
+        return await self._generate(body, len(ids), tuple(ids), "chat", request)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._check_key(request)
-        return await self._generate(body, prompt_tokens(body.prompt), "text", request)
+        if self.tokenizer is None:
+            return await self._generate(body, prompt_tokens(body.prompt), (), "text", request)
+        if isinstance(body.prompt, list):
+            ids = body.prompt
+            vocab = self.tokenizer.vocab_size
+            bad = next((i for i in ids if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"prompt token id {bad} is outside [0, {vocab})", "bad_token")
+        else:
+            ids = self.tokenizer.text_ids(body.prompt)
+        return await self._generate(body, len(ids), tuple(ids), "text", request)
 
-    async def _generate(self, body: Any, num_prompt: int, kind: str, request: Request) -> Any:
+    async def _generate(
+        self, body: Any, num_prompt: int, ids: tuple[int, ...], kind: str, request: Request
+    ) -> Any:
         if body.model is not None and body.model != self.config.model_name:
             raise ApiError(
                 404,
@@ -586,17 +614,17 @@ class Ingress:
         )
         grant = await self._sched("begin_turn", ask)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        turn = _Turn(self, ask, grant)
+        turn = _Turn(self, ask, grant, ids)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(turn, rid, kind, self.config.model_name, include_usage),
+                _sse(turn, rid, kind, self.config.model_name, include_usage, self.decode),
                 media_type="text/event-stream",
                 headers={"x-session-id": sid},
             )
-        ids = await turn.collect()
+        out_ids = await turn.collect()
         return JSONResponse(
-            _full_response(rid, kind, self.config.model_name, turn, ids),
+            _full_response(rid, kind, self.config.model_name, turn, out_ids, self.decode),
             headers={"x-session-id": sid},
         )
 

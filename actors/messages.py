@@ -58,6 +58,9 @@ class TurnWork:
     is_last_turn: bool
     predicted_tool_s: float
     attempt: int = 0
+    # The prompt's ids (the whole context), for engines that need them (vLLM); a
+    # simulated engine only counts, and the ingress leaves this empty for it.
+    prompt_token_ids: tuple[int, ...] = ()
 
     @property
     def request_id(self) -> str:

@@ -15,7 +15,17 @@ from mars_ray.errors import ConfigError
 def serve_command(
     gpus: Annotated[int, typer.Option("--gpus", help="GPU workers (logical GPUs when local)")] = 1,
     nodes: Annotated[int, typer.Option("--nodes", help="emulated nodes (local Ray only)")] = 1,
-    engine: Annotated[str, typer.Option("--engine", help="sim (vllm: see docs/vllm.md)")] = "sim",
+    engine: Annotated[
+        str, typer.Option("--engine", help="sim (SimEngine) or vllm (AsyncLLM + MarsScheduler)")
+    ] = "sim",
+    vllm_model: Annotated[
+        str | None,
+        typer.Option(
+            "--vllm-model",
+            help="engine=vllm: model directory or id to load on each GPU "
+            "(default: a simulated device, vLLM's scheduler and KV cache on CPU)",
+        ),
+    ] = None,
     port: Annotated[int, typer.Option("--port", help="HTTP port")] = 8000,
     host: Annotated[str, typer.Option("--host", help="HTTP bind address")] = "127.0.0.1",
     address: Annotated[
@@ -49,9 +59,12 @@ def serve_command(
         "policy": policy,
         "cluster": {"num_gpus": gpus, "num_nodes": nodes, "gpu": gpu, "model": model},
         "time_scale": time_scale,
+        "vllm_model": vllm_model,
         "api_key": api_key,
         "placement_strategy": "SPREAD" if spread else "PACK",
     }
+    if vllm_model is not None:
+        args["model_name"] = vllm_model
     if policy_config is not None:
         args["policy_config_path"] = str(policy_config)
     config = deployment_config(args)

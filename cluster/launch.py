@@ -39,6 +39,8 @@ from mars_ray.errors import ConfigError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+#: loading real weights (and vLLM's compile and CUDA graph capture) takes longer
+MODEL_READY_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -131,7 +133,8 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
             num_gpus=1,
             scheduling_strategy=strategy,
         ).remote(engine_id, 0, config)
-    infos = ray.get([w.ready.remote() for w in workers.values()], timeout=READY_TIMEOUT_S)
+    timeout_s = READY_TIMEOUT_S if config.vllm_model is None else MODEL_READY_TIMEOUT_S
+    infos = ray.get([w.ready.remote() for w in workers.values()], timeout=timeout_s)
     node_index: dict[str, int] = {}
     engine_nodes = {}
     for engine_id, info in zip(workers, infos, strict=True):

@@ -372,6 +372,10 @@ def test_serve_args_are_a_valid_deployment_config(overlay: str, tmp_path: Path) 
     assert "api_key" not in args, "the API key comes from the Secret ($MARS_API_KEY)"
     config = deployment_config(args)
     assert config.engine == {"overlays/gpu": "vllm", "overlays/cpu-sim": "sim"}[overlay]
+    # on GPUs a real model, served under its own name; on CPU the simulated one
+    assert config.simulated_device == (overlay == "overlays/cpu-sim")
+    if not config.simulated_device:
+        assert config.model_name == config.vllm_model
     assert config.policy == "mars"
 
 

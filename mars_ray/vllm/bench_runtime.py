@@ -256,7 +256,7 @@ def _find_spec(name: str) -> importlib.machinery.ModuleSpec | None:
         return None
 
 
-def _default_to_cpu_platform() -> None:
+def default_to_cpu_platform() -> None:
     """Without a GPU (and without vLLM's CPU build) vLLM finds no platform: name the
     CPU one, unless the caller chose. Before vLLM resolves its platform; inherited by
     the engine core's process."""
@@ -675,7 +675,7 @@ def drive_vllm(
                 f"KV cache but one GPU holds {kv_tokens} ({cost.profile.name})"
             )
     max_model_len = min(cost.profile.model.max_model_len_tokens, kv_tokens)
-    _default_to_cpu_platform()
+    default_to_cpu_platform()
     with tempfile.TemporaryDirectory(prefix="mars-vllm-model-") as tmp:
         model_dir = write_model_config(cost.profile, max_model_len, Path(tmp))
         args = engine_args(
@@ -727,7 +727,7 @@ async def _serve_and_drive(
             engines.append(
                 AsyncLLM.from_engine_args(args, stat_loggers=[BoardStatLogger.factory(board)])
             )
-        await asyncio.gather(*(_warm_up(e) for e in engines))
+        await asyncio.gather(*(warm_up(e) for e in engines))
         startup_s = time.perf_counter() - started
         driver = _Driver(
             sessions,
@@ -752,7 +752,7 @@ async def _serve_and_drive(
     return VllmRun(result, devices, startup_s)
 
 
-async def _warm_up(engine: AsyncLLM) -> None:
+async def warm_up(engine: AsyncLLM) -> None:
     """One tiny request through the whole path (first-call costs out of the run's time);
     shorter than a block, so it leaves nothing in the prefix cache."""
     from vllm import SamplingParams

@@ -12,7 +12,10 @@ boolean arrives as 0 or 1), so over HTTP the hints are flat ``mars_*`` keys::
     {"vllm_xargs": {"mars_session_id": "s-17", "mars_turn_index": 3,
                     "mars_last_turn": false, "mars_expected_tool_s": 1.5}}
 
-(``mars_last_turn`` also accepts 0 / 1). Every key is optional except the session
+(``mars_last_turn`` also accepts 0 / 1). ``service_tokens`` (int >= 0) is what a
+global scheduler knows and an engine does not: the tokens the session was already
+served on every GPU (the global MLFQ's attained service); without it the engine
+counts only what it served itself. Every key is optional except the session
 id once any hint is given; a request without hints is a session of one turn
 (scheduled as plain vLLM would schedule it). Malformed hints raise
 :class:`HintError` with a one-line message naming the key and what is accepted;
@@ -34,7 +37,7 @@ from mars_ray.errors import MarsError
 HINTS_KEY = "mars"
 #: prefix of the flat hint keys (``vllm_xargs`` of the OpenAI server)
 FLAT_PREFIX = "mars_"
-_NAMES = ("session_id", "turn_index", "last_turn", "expected_tool_s")
+_NAMES = ("session_id", "turn_index", "last_turn", "expected_tool_s", "service_tokens")
 
 
 class HintError(MarsError, ValueError):
@@ -53,6 +56,7 @@ class SessionHints:
     turn_index: int = 0
     last_turn: bool = True
     expected_tool_s: float = 0.0
+    service_tokens: int | None = None  # attained service across GPUs (global scheduler)
 
     @property
     def is_continuation(self) -> bool:
@@ -60,22 +64,25 @@ class SessionHints:
 
     def to_extra_args(self) -> dict[str, dict[str, Any]]:
         """The ``extra_args`` dict that carries these hints."""
-        return {
-            HINTS_KEY: {
-                "session_id": self.session_id,
-                "turn_index": self.turn_index,
-                "last_turn": self.last_turn,
-                "expected_tool_s": self.expected_tool_s,
-            }
+        hints: dict[str, Any] = {
+            "session_id": self.session_id,
+            "turn_index": self.turn_index,
+            "last_turn": self.last_turn,
+            "expected_tool_s": self.expected_tool_s,
         }
+        if self.service_tokens is not None:
+            hints["service_tokens"] = self.service_tokens
+        return {HINTS_KEY: hints}
 
 
 _ACCEPTED = (
-    "session_id (str), turn_index (int >= 0), last_turn (bool), expected_tool_s (float >= 0)"
+    "session_id (str), turn_index (int >= 0), last_turn (bool), expected_tool_s (float >= 0), "
+    "service_tokens (int >= 0)"
 )
 _ACCEPTED_FLAT = (
     f"{FLAT_PREFIX}session_id (str), {FLAT_PREFIX}turn_index (int >= 0), "
-    f"{FLAT_PREFIX}last_turn (bool or 0/1), {FLAT_PREFIX}expected_tool_s (float >= 0)"
+    f"{FLAT_PREFIX}last_turn (bool or 0/1), {FLAT_PREFIX}expected_tool_s (float >= 0), "
+    f"{FLAT_PREFIX}service_tokens (int >= 0)"
 )
 
 
@@ -133,6 +140,7 @@ def _from_dict(raw: Any) -> SessionHints:
         turn_index=_turn_index(raw.get("turn_index", 0)),
         last_turn=_last_turn(raw.get("last_turn", True)),
         expected_tool_s=_expected_tool_s(raw.get("expected_tool_s", 0.0)),
+        service_tokens=_service_tokens(raw.get("service_tokens")),
     )
 
 
@@ -149,6 +157,7 @@ def _from_flat(raw: Mapping[str, Any]) -> SessionHints:
         turn_index=_turn_index(raw.get("turn_index", 0), FLAT_PREFIX),
         last_turn=_last_turn(last_turn, FLAT_PREFIX),
         expected_tool_s=_expected_tool_s(raw.get("expected_tool_s", 0.0), FLAT_PREFIX),
+        service_tokens=_service_tokens(raw.get("service_tokens"), FLAT_PREFIX),
     )
 
 
@@ -163,6 +172,14 @@ def _turn_index(value: Any, prefix: str = "") -> int:
         raise HintError(f"session hint '{prefix}turn_index' must be an int >= 0, got {value!r}")
     if value < 0:
         raise HintError(f"session hint '{prefix}turn_index' must be >= 0, got {value}")
+    return value
+
+
+def _service_tokens(value: Any, prefix: str = "") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise HintError(f"session hint '{prefix}service_tokens' must be an int >= 0, got {value!r}")
     return value
 
 

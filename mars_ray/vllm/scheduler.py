@@ -212,6 +212,8 @@ class MarsScheduler(AsyncScheduler):
     def _admit_view(self, request: Request) -> None:
         hints, hinted = hints_of(request)
         served = self._session_service_tokens.get(hints.session_id, 0)
+        if hints.service_tokens is not None:  # a global scheduler counted every GPU's share
+            served = self._session_service_tokens[hints.session_id] = hints.service_tokens
         view = RequestView(request, hints, hinted, self.block_size, served)
         self._views[request.request_id] = view
         self.policy_core.on_added(view, self._now_s())

@@ -24,6 +24,15 @@ def test_full_hints_round_trip() -> None:
     assert hints.is_continuation
 
 
+def test_service_tokens_from_a_global_scheduler_round_trip() -> None:
+    hints = SessionHints("s-1", 2, False, 1.0, service_tokens=12_345)
+    assert parse_hints(hints.to_extra_args(), "r") == hints
+    flat = {"mars_session_id": "s-1", "mars_service_tokens": 7}
+    assert parse_hints(flat, "r").service_tokens == 7
+    assert parse_hints({"mars": {"session_id": "s"}}, "r").service_tokens is None
+    assert "service_tokens" not in SessionHints("s").to_extra_args()["mars"]
+
+
 def test_defaults_for_missing_keys_and_int_tool_time() -> None:
     hints = parse_hints({"mars": {"session_id": "s", "expected_tool_s": 2}}, "r")
     assert hints == SessionHints("s", 0, True, 2.0)
@@ -46,6 +55,9 @@ def test_defaults_for_missing_keys_and_int_tool_time() -> None:
         ({"session_id": "s", "expected_tool_s": math.inf}, "finite"),
         ({"session_id": "s", "expected_tool_s": "3"}, "'expected_tool_s' must be a number"),
         ({"session_id": "s", "expected_tool_s": False}, "'expected_tool_s' must be a number"),
+        ({"session_id": "s", "service_tokens": -1}, "'service_tokens' must be an int >= 0"),
+        ({"session_id": "s", "service_tokens": 1.5}, "'service_tokens' must be an int >= 0"),
+        ({"session_id": "s", "service_tokens": True}, "'service_tokens' must be an int >= 0"),
     ],
 )
 def test_malformed_hints_are_rejected_with_a_clear_message(raw: object, message: str) -> None:
