@@ -1,10 +1,11 @@
-"""``mars-ray trace``: generate a workload trace, or summarise one.
+"""``mars-ray trace``: generate or import a workload trace, or summarise one.
 
 ``mars-ray trace generate --workload swe --sessions 100 --rate 0.1 --out t.parquet``
-writes a Parquet trace (DESIGN section 7); ``mars-ray trace inspect t.parquet
-[--json]`` prints its shape. One ``--seed`` drives two independent random streams,
-one for the sessions and one for their arrivals, so a load sweep over ``--rate``
-replays the same sessions at every rate.
+writes a Parquet trace (DESIGN section 7); ``mars-ray trace import --format swe-agent
+runs/*.traj --out t.parquet`` converts public agent trajectories (``importers.py``);
+``mars-ray trace inspect t.parquet [--json]`` prints its shape. One ``--seed`` drives
+two independent random streams, one for the sessions and one for their arrivals, so a
+load sweep over ``--rate`` replays the same sessions at every rate.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ from mars_ray.session import SessionSpec
 
 from .arrivals import assign_arrivals, burst_arrivals, poisson_arrivals
 from .generators import WORKLOADS
+from .importers import (
+    DEFAULT_CHARS_PER_TOKEN,
+    DEFAULT_CPU_FRACTION,
+    IMPORTERS,
+    Fit,
+    ImportedTrace,
+    ImportOptions,
+)
 from .schema import read_trace, write_trace
 
-trace_app = typer.Typer(help="Generate and inspect Parquet workload traces.", no_args_is_help=True)
+trace_app = typer.Typer(
+    help="Generate, import and inspect Parquet workload traces.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +47,16 @@ def register(app: typer.Typer) -> None:
 class ArrivalProcess(StrEnum):
     """How sessions arrive: a Poisson process at ``--rate``, or all at once."""
 
+    poisson = "poisson"
+    burst = "burst"
+
+
+class ImportArrival(StrEnum):
+    """Arrivals of imported sessions: the trace's own times, Poisson, all at once, or
+    ``auto`` (the trace's times where it has them, else Poisson at ``--rate``)."""
+
+    auto = "auto"
+    trace = "trace"
     poisson = "poisson"
     burst = "burst"
 
@@ -71,6 +92,90 @@ def generate_command(
     write_trace(specs, out)
     num_turns = sum(spec.num_turns for spec in specs)
     typer.echo(f"wrote {len(specs)} {workload} sessions ({num_turns} turns) to {out}")
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _stamp_imported_arrivals(
+    imported: ImportedTrace, arrival: ImportArrival, rate: float, seed: int
+) -> tuple[list[SessionSpec], str]:
+    """The imported sessions with their arrivals, and a phrase saying which arrivals."""
+    sessions = imported.sessions
+    if arrival is ImportArrival.auto:
+        arrival = ImportArrival.trace if imported.has_arrival_times else ImportArrival.poisson
+    if arrival is ImportArrival.trace:
+        if not imported.has_arrival_times:
+            raise ConfigError(
+                "--arrival trace: these inputs carry no session start times;"
+                " use --arrival poisson --rate R, or --arrival burst"
+            )
+        return sessions, "the trace's own times"
+    if arrival is ImportArrival.poisson:
+        rng = np.random.default_rng(np.random.SeedSequence(seed))
+        times_s = poisson_arrivals(len(sessions), rate, rng)
+        return assign_arrivals(sessions, times_s), f"Poisson at {rate:g} sessions/s"
+    return assign_arrivals(sessions, burst_arrivals(len(sessions))), "all at t=0"
+
+
+@trace_app.command("import")
+def import_command(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Trajectory files, or directories to search for them.")
+    ],
+    trace_format: Annotated[
+        str, typer.Option("--format", help=f"Input format: {', '.join(IMPORTERS)}.")
+    ],
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    chars_per_token: Annotated[
+        float, typer.Option(help="Characters per token when counting text (swe-agent).")
+    ] = DEFAULT_CHARS_PER_TOKEN,
+    max_context_tokens: Annotated[
+        int, typer.Option(help="Context window of the served model, tokens; 0 keeps all.")
+    ] = 131_072,
+    fit: Annotated[
+        Fit, typer.Option(help="Make longer sessions fit: scale all tokens, or clip turns.")
+    ] = Fit.scale,
+    tool_cpu_fraction: Annotated[
+        float, typer.Option(help="CPU share of a tool call that does not run code.")
+    ] = DEFAULT_CPU_FRACTION,
+    arrival: Annotated[
+        ImportArrival,
+        typer.Option(help="auto: the trace's times if it has them, else poisson at --rate."),
+    ] = ImportArrival.auto,
+    rate: Annotated[float, typer.Option(help="Poisson arrival rate, sessions/s.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of Poisson arrivals.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Import agent trajectories (SWE-agent .traj, TraceLab JSONL) as a Parquet trace."""
+    importer = IMPORTERS.get(trace_format)
+    options = ImportOptions(
+        chars_per_token=chars_per_token,
+        max_context_tokens=max_context_tokens or None,
+        fit=fit,
+        cpu_fraction=tool_cpu_fraction,
+    )
+    imported = importer(inputs, options)
+    sessions, arrivals_text = _stamp_imported_arrivals(imported, arrival, rate, seed)
+    write_trace(sessions, out)
+    summary = summarize_trace(sessions)
+    if as_json:
+        extra = {"path": str(out), "format": trace_format, "num_fitted": imported.num_fitted}
+        typer.echo(json.dumps({**extra, "arrivals": arrivals_text, **summary}, indent=2))
+        return
+    num_turns = sum(session.num_turns for session in sessions)
+    typer.echo(
+        f"wrote {len(sessions)} {trace_format} sessions ({num_turns} turns) to {out};"
+        f" arrivals: {arrivals_text}"
+    )
+    if imported.num_fitted:
+        sessions_text = "session" if imported.num_fitted == 1 else "sessions"
+        verb = "scaled" if fit is Fit.scale else "clipped"
+        typer.echo(
+            f"{imported.num_fitted} {sessions_text} {verb} to the"
+            f" {max_context_tokens:,}-token window"
+        )
+    _print_summary(out, summary)
 
 
 # --------------------------------------------------------------------------- inspect
