@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import ray
@@ -57,6 +57,7 @@ from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, Turn
 from .names import NAMESPACE, executor_name, worker_name
 from .scheduler import ONE_SHOT_PREFIX, SessionError
 from .tokenizer import make_tokenizer
+from .turn_channel import TurnChannel, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,41 @@ def _session_error_from(exc: BaseException) -> BaseException:
     if isinstance(cause, SessionError | MarsError):
         return cause
     return exc
+
+
+async def call_actor(ref: Any, retry: bool = False) -> Any:
+    """Await a runtime actor's call: its own errors (SessionError, MarsError) come out
+    unwrapped for the HTTP handlers, a dead actor is 503, and an unavailable one (a
+    restart under way) is re-raised when ``retry`` so the caller can try again."""
+    try:
+        return await ref
+    except ActorUnavailableError:
+        if retry:
+            raise
+        raise ApiError(503, "runtime unavailable: ActorUnavailableError", "unavailable") from None
+    except RayActorError as exc:
+        raise ApiError(
+            503, f"runtime unavailable: {exc.__class__.__name__}", "unavailable"
+        ) from None
+    except Exception as exc:
+        cause = _session_error_from(exc)
+        if cause is not exc:
+            raise cause from None
+        raise
+
+
+def scheduler_channel(scheduler: Any) -> TurnChannel:
+    """The batched turn channel to the global scheduler actor, as the ingress uses it."""
+
+    async def submit(ops: list[TurnOp]) -> list[TurnOutcome]:
+        outcomes: list[TurnOutcome] = await call_actor(scheduler.turns.remote(ops), retry=True)
+        return outcomes
+
+    async def await_grant(key: int) -> TurnGrant:
+        grant: TurnGrant = await call_actor(scheduler.await_grant.remote(key), retry=True)
+        return grant
+
+    return TurnChannel(submit, await_grant)
 
 
 class _Turn:
@@ -218,8 +254,8 @@ class _Turn:
             ttft_s=done.ttft_s,
             is_last_turn=self.ask.is_last_turn,
         )
-        ref = self.ingress.scheduler.end_turn.remote(report)
-        _background(ref, f"end of turn {report.session_id}/{report.turn_index}")
+        ended = self.ingress.channel.end(report)
+        _background(ended, f"end of turn {report.session_id}/{report.turn_index}")
 
     def _abandon(self) -> None:
         """The client went away or the turn failed: release the turn."""
@@ -280,9 +316,12 @@ def _background(ref: Any, what: str) -> None:
 
     async def wait() -> None:
         try:
-            await ref
+            outcome = await ref
         except Exception as exc:
             log.warning("%s failed: %r", what, exc)
+        else:
+            if isinstance(outcome, BaseException):  # a batched message's own error
+                log.warning("%s failed: %r", what, outcome)
 
     task = asyncio.get_running_loop().create_task(wait())
     _pending.add(task)  # keep a reference until done
@@ -379,6 +418,7 @@ class Ingress:
         # survived); only the first replica of a deployment creates it.
         self.runtime = find_runtime(self.config) or ensure_runtime(self.config)
         self.scheduler = self.runtime.scheduler
+        self.channel = scheduler_channel(self.scheduler)
         limit = self.config.max_prompt_tokens or self.runtime.max_context_tokens
         self.max_context_tokens = min(limit, self.runtime.max_context_tokens)
         self.tokenizer = make_tokenizer(self.config)
@@ -418,10 +458,15 @@ class Ingress:
     async def _sched(self, method: str, *args: Any) -> Any:
         """Call the global scheduler; while it restarts (ActorUnavailableError), retry
         for up to SCHEDULER_RESTART_WAIT_S before answering 503."""
+        return await self._retrying(
+            lambda: self._call(getattr(self.scheduler, method).remote(*args), retry=True)
+        )
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         deadline = time.monotonic() + SCHEDULER_RESTART_WAIT_S
         while True:
             try:
-                return await self._call(getattr(self.scheduler, method).remote(*args), retry=True)
+                return await call()
             except ActorUnavailableError as exc:
                 if time.monotonic() > deadline:
                     raise ApiError(
@@ -430,23 +475,7 @@ class Ingress:
                 await asyncio.sleep(0.2)
 
     async def _call(self, ref: Any, retry: bool = False) -> Any:
-        try:
-            return await ref
-        except ActorUnavailableError:
-            if retry:
-                raise
-            raise ApiError(
-                503, "runtime unavailable: ActorUnavailableError", "unavailable"
-            ) from None
-        except RayActorError as exc:
-            raise ApiError(
-                503, f"runtime unavailable: {exc.__class__.__name__}", "unavailable"
-            ) from None
-        except Exception as exc:
-            cause = _session_error_from(exc)
-            if cause is not exc:
-                raise cause from None
-            raise
+        return await call_actor(ref, retry)
 
     # -- models, health, metrics -------------------------------------------------------
     @app.get("/v1/models")
@@ -612,7 +641,7 @@ class Ingress:
             expected_tool_s=hints.expected_tool_s if hints else None,
             tool_s=hints.tool_s if hints else None,
         )
-        grant = await self._sched("begin_turn", ask)
+        grant = await self._retrying(lambda: self.channel.begin(ask))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         turn = _Turn(self, ask, grant, ids)
         if body.stream:

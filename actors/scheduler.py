@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -49,6 +50,7 @@ from mars_ray.telemetry import EngineSnapshot, Telemetry, ToolPoolSnapshot
 
 from .config import DeploymentConfig
 from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
+from .turn_channel import PendingGrant, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ class SessionError(MarsError, ValueError):
     def __init__(self, message: str, status: int = 409) -> None:
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # returned (not raised) in a batch's outcomes: keep the status across pickling
+        return (type(self), (str(self), self.status))
 
 
 @dataclass(slots=True)
@@ -284,7 +290,7 @@ class GlobalSchedulerImpl:
         self.cluster.on_turn_finished(report.session_id, report.service_tokens, report.service_s)
         self.telemetry.turn_finished(report.engine_id, report.ttft_s)
         if report.is_last_turn:
-            return self.close_session(report.session_id)
+            return self.close_session(report.session_id, after_last_turn=True)
         return None
 
     def _isolated_turn_s(self, live: _Live, report: TurnReport) -> float:
@@ -303,7 +309,13 @@ class GlobalSchedulerImpl:
         live = self._session(session_id)
         live.pending_tool_s = (live.pending_tool_s or 0.0) + tool_s
 
-    def close_session(self, session_id: str, failed_reason: str | None = None) -> SessionSummary:
+    def close_session(
+        self, session_id: str, failed_reason: str | None = None, *, after_last_turn: bool = False
+    ) -> SessionSummary:
+        """Close the session (its summary). ``after_last_turn``: its engine ran the last
+        turn knowing it was the last, so its retention already decided what stays (as
+        in the simulator) and the engine is not called; a session closed mid-way has
+        what its engine keeps for it dropped."""
         live = self._session(session_id)
         now_s = self.now_s()
         live.closed = True
@@ -313,7 +325,7 @@ class GlobalSchedulerImpl:
             self._start_all(
                 self.cluster.on_session_cancelled(session_id, now_s, self._live_loads())
             )
-        if live.engine_id is not None:
+        if live.engine_id is not None and not after_last_turn:
             self._forget(live.engine_id, session_id)
         state = self.cluster.sessions.get(session_id)
         jct_s = now_s - live.arrival_s
@@ -491,6 +503,8 @@ class GlobalScheduler:
         self._booted = False
         self._restarting: set[int] = set()  # nodes whose tool executor is being replaced
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_grants: dict[int, asyncio.Task[TurnGrant]] = {}
+        self._grant_keys = itertools.count()
 
     async def _boot(self) -> None:
         """Start the control tick; after a restart, find the live runtime by name (the
@@ -528,6 +542,43 @@ class GlobalScheduler:
     async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
         await self._boot()
         return await self._impl.begin_turn(ask)
+
+    async def turns(self, ops: list[TurnOp]) -> list[TurnOutcome]:
+        """A batch of turn messages from a :class:`TurnChannel`, applied in order: a
+        report ends its turn, an ask is granted now or answered ``PendingGrant``
+        (it waits for admission; ``await_grant`` returns it). Errors are per message."""
+        await self._boot()
+        impl = self._impl
+        outcomes: list[TurnOutcome] = [None] * len(ops)
+        asks: dict[int, asyncio.Task[TurnGrant]] = {}
+        loop = asyncio.get_running_loop()
+        for i, op in enumerate(ops):
+            if isinstance(op, TurnReport):
+                try:
+                    outcomes[i] = impl.end_turn(op)
+                except Exception as exc:
+                    outcomes[i] = exc
+            else:
+                asks[i] = loop.create_task(impl.begin_turn(op))
+        if asks:
+            # A grant decided at once completes in its task's first step (nothing in
+            # begin_turn awaits an unfinished future then): one loop turn runs them all.
+            await asyncio.sleep(0)
+        for i, task in asks.items():
+            if task.done():
+                outcomes[i] = task.exception() or task.result()
+            else:
+                key = next(self._grant_keys)
+                self._pending_grants[key] = task
+                outcomes[i] = PendingGrant(key)
+        return outcomes
+
+    async def await_grant(self, key: int) -> TurnGrant:
+        """The grant of an ask ``turns`` answered with ``PendingGrant(key)``."""
+        task = self._pending_grants.pop(key, None)
+        if task is None:
+            raise SessionError(f"no pending turn {key} (already fetched, or a restart lost it)")
+        return await task
 
     async def retry_turn(self, ask: TurnAsk, failed_engine_id: int, reason: str) -> TurnGrant:
         return self._impl.retry_turn(ask, failed_engine_id, reason)

@@ -94,6 +94,8 @@ class DecisionRate:
     num_decisions: int
     wall_s: float
     concurrency: int
+    batched: bool  # through the ingress's TurnChannel (else one actor call per message)
+    mean_batch: float  # messages per actor call
 
     @property
     def per_s(self) -> float:
@@ -102,42 +104,72 @@ class DecisionRate:
 
 def measure_decisions(
     num_sessions: int = 3000, concurrency: int = 64, num_gpus: int = 4
-) -> DecisionRate:
-    """``begin_turn`` + ``end_turn`` of one-turn sessions against the real actor."""
-    from mars_ray.actors.messages import TurnAsk, TurnReport
-
+) -> list[DecisionRate]:
+    """``begin`` + ``end`` of one-turn sessions against the real scheduler actor, as
+    the ingress sends them (a :class:`TurnChannel`) and, side by side, one actor call
+    per message (the path before batching)."""
     from .launch import connect, ensure_runtime, teardown_runtime
 
     config = DeploymentConfig(cluster=ClusterConfig(num_gpus=num_gpus))
     local = connect(None, num_gpus=num_gpus)
     try:
         scheduler = ensure_runtime(config).scheduler
-        pending: list[Any] = []
-
-        async def one(sid: str) -> None:
-            grant = await scheduler.begin_turn.remote(TurnAsk(sid, 0, 100, 10, True))
-            report = TurnReport(sid, 0, grant.engine_id, 110, 0.01, 100, 10, 0.001, True)
-            pending.append(scheduler.end_turn.remote(report))  # as the ingress: not awaited
-
-        async def drive(prefix: str) -> float:
-            queue = iter(range(num_sessions))
-
-            async def worker() -> None:
-                for i in queue:
-                    await one(f"{prefix}-{i}")
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            await asyncio.gather(*pending)  # every end processed before the clock stops
-            pending.clear()
-            return time.perf_counter() - started
-
-        asyncio.run(drive("warm"))  # warm-up pass (connections, code paths)
-        wall_s = asyncio.run(drive("timed"))
+        rates = []
+        for batched in (False, True):
+            run = _DecisionRun(scheduler, batched, num_sessions, concurrency)
+            asyncio.run(run.drive("warm"))  # warm-up pass (connections, code paths)
+            rates.append(run.timed())
     finally:
         teardown_runtime(num_gpus)
         local.shutdown()
-    return DecisionRate(num_sessions, wall_s, concurrency)
+    return rates
+
+
+class _DecisionRun:
+    def __init__(self, scheduler: Any, batched: bool, num_sessions: int, concurrency: int):
+        self.scheduler, self.batched = scheduler, batched
+        self.num_sessions, self.concurrency = num_sessions, concurrency
+        self.pending: list[Any] = []
+        self.mean_batch = 1.0
+
+    async def one(self, channel: Any, sid: str) -> None:
+        from mars_ray.actors.messages import TurnAsk, TurnReport
+
+        ask = TurnAsk(sid, 0, 100, 10, True)
+        if channel is None:
+            grant = await self.scheduler.begin_turn.remote(ask)
+        else:
+            grant = await channel.begin(ask)
+        report = TurnReport(sid, 0, grant.engine_id, 110, 0.01, 100, 10, 0.001, True)
+        # as the ingress does: the end is sent, not awaited
+        if channel is None:
+            self.pending.append(self.scheduler.end_turn.remote(report))
+        else:
+            self.pending.append(channel.end(report))
+
+    async def drive(self, prefix: str) -> float:
+        from mars_ray.actors.ingress import scheduler_channel
+
+        channel = scheduler_channel(self.scheduler) if self.batched else None
+        queue = iter(range(self.num_sessions))
+
+        async def caller() -> None:
+            for i in queue:
+                await self.one(channel, f"{prefix}-{int(self.batched)}-{i}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(self.concurrency)))
+        await asyncio.gather(*self.pending)  # every end processed before the clock stops
+        self.pending.clear()
+        if channel is not None:
+            self.mean_batch = channel.mean_batch
+        return time.perf_counter() - started
+
+    def timed(self) -> DecisionRate:
+        wall_s = asyncio.run(self.drive("timed"))
+        return DecisionRate(
+            self.num_sessions, wall_s, self.concurrency, self.batched, self.mean_batch
+        )
 
 
 @dataclass(frozen=True, slots=True)

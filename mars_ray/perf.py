@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         from mars_ray.cluster.perf_runtime import measure_decisions, measure_overhead
 
         overhead = measure_overhead(num_turns=turns)
-        rate = measure_decisions(num_sessions=sessions, concurrency=concurrency)
+        per_message, batched = measure_decisions(num_sessions=sessions, concurrency=concurrency)
         print(
             json.dumps(
                 {
@@ -156,10 +156,13 @@ def register(app: typer.Typer) -> None:
                     "added_target_ms": 5.0,
                     "turn_direct_p90_ms": round(overhead.p90_direct_ms, 2),
                     "turn_served_p90_ms": round(overhead.p90_served_ms, 2),
-                    "decisions_per_s": round(rate.per_s, 1),
+                    "decisions_per_s": round(batched.per_s, 1),
                     "decisions_target_per_s": 500,
-                    "decisions": rate.num_decisions,
-                    "concurrency": rate.concurrency,
+                    "messages_per_call": round(batched.mean_batch, 1),
+                    "decisions_per_s_one_call_per_message": round(per_message.per_s, 1),
+                    "batching_speedup": round(batched.per_s / per_message.per_s, 2),
+                    "decisions": batched.num_decisions,
+                    "concurrency": batched.concurrency,
                 }
             )
         )
