@@ -62,6 +62,11 @@ class DeploymentConfig(FrozenConfig):
     max_prompt_tokens: int = Field(
         0, ge=0, description="reject longer prompts with 400; 0: what one GPU's KV holds"
     )
+    kv_migration: bool = Field(
+        True,
+        description="a continuation placed away from its KV brings the KV along over "
+        "torch.distributed (sim engines, 2+ GPUs); False: it recomputes the prefix",
+    )
     api_key: str | None = Field(None, description="required bearer token; None: open")
     seed: int = 0
 
@@ -74,6 +79,12 @@ class DeploymentConfig(FrozenConfig):
         if self.vllm_model is not None and self.time_scale != 1.0:
             raise ValueError("a real model runs in real time: time_scale must be 1")
         return self
+
+    @property
+    def migrates_kv(self) -> bool:
+        """KV moves with a session between GPU workers (a process group is formed).
+        vLLM 0.29 exposes no KV export without a KV connector, so sim engines only."""
+        return self.kv_migration and self.engine == "sim" and self.cluster.num_gpus > 1
 
     @property
     def simulated_device(self) -> bool:

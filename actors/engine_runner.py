@@ -63,6 +63,7 @@ class SimEngineRunner:
         self._streams: dict[str, _Stream] = {}
         self._aborted: list[EngineRequest] = []
         self._forgotten: list[str] = []
+        self._adopted: list[tuple[str, int, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._engine_now_s = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -125,6 +126,22 @@ class SimEngineRunner:
         self._forgotten.append(session_id)
         self._wake.set()
 
+    def export_kv(self, session_id: str) -> int:
+        """The session moves to another engine with its KV: how many leading blocks
+        are cached here to send (then forgotten here, like any session that moved)."""
+        num_blocks = self.engine.cached_prefix_blocks(session_id)
+        self.forget(session_id)
+        return num_blocks
+
+    async def adopt_kv(self, session_id: str, num_blocks: int) -> int:
+        """Take in a session's KV received from another engine (between steps);
+        returns the blocks adopted."""
+        adopted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._adopted.append((session_id, num_blocks, adopted))
+        self.start()
+        self._wake.set()
+        return await adopted
+
     def snapshot(self) -> EngineSnapshot:
         engine = self.engine
         levels: dict[int, int] = {}
@@ -178,6 +195,11 @@ class SimEngineRunner:
             self.engine.abort(self._aborted.pop())
         while self._forgotten:
             self.engine.forget(self._forgotten.pop())
+        while self._adopted and self.engine.plan is None:  # the pool changes: no step planned
+            session_id, num_blocks, adopted = self._adopted.pop()
+            num_adopted = self.engine.adopt_kv(session_id, num_blocks)
+            if not adopted.done():  # its caller may have given up
+                adopted.set_result(num_adopted)
 
     async def _wait(self, timeout_s: float | None) -> bool:
         """Sleep up to ``timeout_s`` wall seconds; True if woken by new work."""

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
 TURN_END_GRACE_S = 1.0  # wall seconds a turn waits for its predecessor's end report
+#: a KV migration (both sides) taking longer is abandoned: the turn recomputes instead
+KV_MOVE_TIMEOUT_S = 30.0
 ONE_SHOT_PREFIX = "req-"  # ids the ingress gives requests that name no session
 
 
@@ -116,6 +118,9 @@ class GlobalSchedulerImpl:
         self.num_turn_retries = 0
         self.num_tool_retries = 0
         self.num_decisions = 0
+        self.num_kv_moves = 0
+        self.num_kv_moved_blocks = 0
+        self.num_kv_move_failures = 0
         self._tick_task: asyncio.Task[None] | None = None
 
     # -- registration ------------------------------------------------------------
@@ -226,8 +231,52 @@ class GlobalSchedulerImpl:
         previous = live.engine_id
         placement = self.cluster.on_tool_finished(live.session_id, tool_s, self._live_loads())
         if previous is not None and previous != placement.engine_id:
-            self._forget(previous, live.session_id)
+            await self._move_kv(live.session_id, previous, placement.engine_id)
         return placement
+
+    async def _move_kv(self, session_id: str, src: int, dst: int) -> int:
+        """The session's next turn runs on ``dst``: bring its KV from ``src`` over the
+        workers' process group (both sides at once), or, without migration or if the
+        transfer fails, drop it on ``src`` (the turn recomputes). Returns blocks moved."""
+        if not (self.config.migrates_kv and src in self.alive and dst in self.alive):
+            self._forget(src, session_id)
+            return 0
+        sent = self.workers[src].send_kv.remote(session_id, dst)
+        received = self.workers[dst].receive_kv.remote(session_id, src)
+        try:
+            _, num_blocks = await asyncio.wait_for(
+                asyncio.gather(_await_ref(sent), _await_ref(received)), KV_MOVE_TIMEOUT_S
+            )
+        except Exception as exc:  # a dead peer, a timeout: recompute instead
+            log.warning("KV of session %s not moved %d -> %d: %r", session_id, src, dst, exc)
+            self.num_kv_move_failures += 1
+            self._forget(src, session_id)
+            return 0
+        self.num_kv_moves += 1
+        self.num_kv_moved_blocks += int(num_blocks)
+        return int(num_blocks)
+
+    async def move_session(self, session_id: str, engine_id: int) -> int:
+        """Rebalance: move a session between turns to ``engine_id``, KV included; its
+        next turn runs there (unless that engine is overloaded by then). Returns the
+        KV blocks moved."""
+        live = self._session(session_id)
+        if live.turn_in_flight is not None:
+            raise SessionError(f"session {session_id!r} has a turn running; move it between turns")
+        if engine_id not in self.alive:
+            raise SessionError(f"GPU worker {engine_id} is not alive", status=404)
+        if session_id not in self.cluster.sessions or self.cluster.per_engine_admission:
+            raise SessionError(
+                f"session {session_id!r} cannot move (not admitted, or the "
+                f"policy {self.config.policy!r} admits per engine)"
+            )
+        src = live.engine_id
+        if src == engine_id:
+            return 0
+        num_blocks = 0 if src is None else await self._move_kv(session_id, src, engine_id)
+        self.cluster.on_kv_moved(session_id, engine_id)
+        live.engine_id = engine_id
+        return num_blocks
 
     def _start_all(self, placements: Sequence[Placement]) -> None:
         for placement in placements:
@@ -487,6 +536,9 @@ class GlobalSchedulerImpl:
             "num_turn_retries": self.num_turn_retries,
             "num_tool_retries": self.num_tool_retries,
             "num_decisions": self.num_decisions,
+            "num_kv_moves": self.num_kv_moves,
+            "num_kv_moved_blocks": self.num_kv_moved_blocks,
+            "num_kv_move_failures": self.num_kv_move_failures,
         }
 
 
@@ -646,3 +698,6 @@ class GlobalScheduler:
     async def status(self) -> dict[str, Any]:
         await self._boot()
         return self._impl.status()
+
+    async def move_session(self, session_id: str, engine_id: int) -> int:
+        return await self._impl.move_session(session_id, engine_id)

@@ -140,6 +140,8 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
     for engine_id, info in zip(workers, infos, strict=True):
         engine_nodes[engine_id] = node_index.setdefault(info["node_id"], len(node_index))
     node_ray_ids = {i: n for n, i in node_index.items()}
+    if config.migrates_kv:
+        _form_kv_group(workers)
     scheduler = GlobalScheduler.options(
         name=SCHEDULER_ACTOR_NAME,
         namespace=NAMESPACE,
@@ -163,6 +165,13 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
         executors,
         min(i["max_context_tokens"] for i in infos),
     )
+
+
+def _form_kv_group(workers: dict[int, Any]) -> None:
+    """The GPU workers' torch.distributed group for KV migration (rank = engine id)."""
+    addr, port = ray.get(workers[0].kv_rendezvous.remote(), timeout=READY_TIMEOUT_S)
+    joins = [w.join_kv_group.remote(addr, port, len(workers)) for w in workers.values()]
+    ray.get(joins, timeout=READY_TIMEOUT_S)
 
 
 def find_runtime(config: DeploymentConfig) -> RuntimeHandles | None:

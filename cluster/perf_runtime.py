@@ -29,6 +29,7 @@ class Overhead:
     p90_direct_ms: float
     p90_served_ms: float
     num_turns: int
+    http_floor_ms: float  # median GET /healthz: Serve's HTTP path with no work behind it
 
     @property
     def added_ms(self) -> float:
@@ -73,7 +74,7 @@ def measure_overhead(
         "messages": [{"role": "user", "content": " ".join(["w"] * prompt_tokens)}],
         "max_tokens": output_tokens,
     }
-    served = []
+    served, floor = [], []
     with (
         running_deployment(config, port=_free_port()) as running,
         httpx.Client(base_url=running.url, timeout=60) as client,
@@ -84,9 +85,12 @@ def measure_overhead(
             started = time.perf_counter()
             client.post("/v1/chat/completions", json=body).raise_for_status()
             served.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            floor.append(time.perf_counter() - started)
     d50, d90 = _median_p90_ms(direct)
     s50, s90 = _median_p90_ms(served)
-    return Overhead(d50, s50, d90, s90, num_turns)
+    return Overhead(d50, s50, d90, s90, num_turns, _median_p90_ms(floor)[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,6 +154,7 @@ def register(app: typer.Typer) -> None:
                     "turn_served_median_ms": round(overhead.served_ms, 2),
                     "added_median_ms": round(overhead.added_ms, 2),
                     "added_target_ms": 5.0,
+                    "of_which_serve_http_floor_ms": round(overhead.http_floor_ms, 2),
                     "turn_direct_p90_ms": round(overhead.p90_direct_ms, 2),
                     "turn_served_p90_ms": round(overhead.p90_served_ms, 2),
                     "decisions_per_s": round(batched.per_s, 1),

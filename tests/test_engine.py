@@ -725,3 +725,26 @@ def test_one_token_prefill_chunk_is_not_planned_as_a_decode_run() -> None:
     # "big" has 99 prompt tokens left: it cannot have produced any output yet.
     assert big.num_output_tokens == 0
     assert big.num_tokens == 100
+
+
+def test_kv_adopted_from_another_engine_is_a_prefix_hit_there() -> None:
+    """KV migration: what one engine holds for a session, another adopts; the next
+    turn there hits it, and both engines keep every block accounted for."""
+    src, dst = make_engine(num_blocks=64), make_engine(num_blocks=64)
+    src.add_request(make_request("s", 300, 20), 0.0)
+    now_s, _ = drain(src, 0.0)
+    held = src.cached_prefix_blocks("s")
+    assert held == (300 + 20 - 1) // 16
+    assert dst.cached_prefix_blocks("s") == 0
+    assert dst.adopt_kv("s", held) == held
+    dst.check_invariants()
+    assert dst.cached_prefix_blocks("s") == held
+    assert dst.adopt_kv("s", held) == 0, "already there: nothing to adopt twice"
+    nxt = make_request("s", 340, 4, turn=1, prior=320)
+    dst.add_request(nxt, now_s)
+    drain(dst, now_s)
+    assert nxt.cached_tokens == held * 16
+    # a full pool adopts what fits (cached blocks of others are evicted for it)
+    small = make_engine(num_blocks=8)
+    assert small.adopt_kv("t", held) == 8
+    small.check_invariants()

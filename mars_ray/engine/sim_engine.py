@@ -585,6 +585,29 @@ class SimEngine:
         self._num_retained_blocks -= self._retained_blocks.pop(session_id, 0)
         self._unpin(session_id)
 
+    # -- KV migration (the Ray runtime moves a session's KV between engines) --------
+    def cached_prefix_blocks(self, session_id: str) -> int:
+        """How many leading blocks of the session's context this engine holds cached."""
+        return self.pool.num_cached_prefix_blocks(session_id, self.pool.num_blocks)
+
+    def adopt_kv(self, session_id: str, num_blocks: int) -> int:
+        """Take in ``num_blocks`` leading blocks of a session's KV sent by another
+        engine: they become cached blocks of the session here (its next turn hits
+        them), counted as retained like KV kept across a tool call. Room is made by
+        evicting cached blocks of others, never referenced ones; returns how many
+        blocks were adopted (fewer when the free pool is smaller). Call between steps."""
+        pool = self.pool
+        num_blocks = min(num_blocks, pool.num_free_blocks)
+        if num_blocks <= 0 or self.cached_prefix_blocks(session_id) >= num_blocks:
+            return 0
+        blocks = pool.allocate(num_blocks)
+        assert blocks is not None  # at most the free blocks were asked for
+        pool.cache_blocks(session_id, 0, blocks)
+        pool.free(blocks)  # cached and free, in LRU order, like a retained turn's blocks
+        self._num_retained_blocks += num_blocks - self._retained_blocks.get(session_id, 0)
+        self._retained_blocks[session_id] = num_blocks
+        return num_blocks
+
     def _pin(self, session_id: str, blocks: list[int], expires_s: float) -> None:
         self._unpin(session_id)
         self._pins[session_id] = _Pin(blocks, expires_s)

@@ -136,6 +136,14 @@ class ClusterScheduler:
         state.last_engine_id = engine_id
         return Placement(session_id, state.next_turn, engine_id)
 
+    def on_kv_moved(self, session_id: str, engine_id: int) -> None:
+        """The session's KV now lives on ``engine_id`` (the runtime migrated it):
+        KV-affine placement brings its next turn there. Not for policies whose
+        admission is per engine (the engine is the session's admission scope)."""
+        if self.per_engine_admission:
+            raise ValueError("sessions do not move under per-engine admission")
+        self.sessions[session_id].last_engine_id = engine_id
+
     def on_engine_lost(self, session_id: str, engines: Sequence[EngineLoad]) -> Placement:
         """The engine running the session's turn failed: place the turn again on one of
         ``engines`` (the live ones) as if the session had no KV anywhere."""

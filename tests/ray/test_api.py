@@ -86,6 +86,32 @@ def test_gpu_workers_are_spread_over_the_two_nodes(deployment: RunningDeployment
     assert nodes <= set(deployment.ray.node_ids)
 
 
+def test_a_moved_session_brings_its_kv_to_the_other_gpu(http: httpx.Client) -> None:
+    """Rebalancing moves a session between turns with its KV over torch.distributed
+    (gloo between the two nodes' workers): the new GPU, which never ran the session,
+    serves its next turn from cache."""
+    import ray
+
+    from mars_ray.actors.names import NAMESPACE, SCHEDULER_ACTOR_NAME
+
+    scheduler = ray.get_actor(SCHEDULER_ACTOR_NAME, namespace=NAMESPACE)
+    first = chat(http, words(300), 20, session_id="mover", mars={"expected_tool_s": 5.0})
+    assert first.status_code == 200, first.text
+    engine = first.json()["mars"]["engine_id"]
+    moves_before = ray.get(scheduler.status.remote())["num_kv_moves"]
+    num_blocks = ray.get(scheduler.move_session.remote("mover", 1 - engine))
+    assert num_blocks == (300 + 20 - 1) // 16, "every full block of the computed context"
+    status = ray.get(scheduler.status.remote())
+    assert status["num_kv_moves"] == moves_before + 1
+    assert status["num_kv_move_failures"] == 0
+    second = chat(http, words(330), 5, session_id="mover")
+    assert second.status_code == 200, second.text
+    mars = second.json()["mars"]
+    assert mars["engine_id"] == 1 - engine
+    assert mars["cached_tokens"] == num_blocks * 16, "the moved KV was a prefix hit"
+    assert mars["recomputed_tokens"] == 320 - 1 - num_blocks * 16  # the partial block only
+
+
 def test_one_shot_chat_completion_counts_tokens(http: httpx.Client) -> None:
     response = chat(http, words(40), 7)
     assert response.status_code == 200, response.text
