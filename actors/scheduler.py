@@ -405,6 +405,10 @@ class GlobalSchedulerImpl:
         if engine_id in self.alive:
             log.warning("GPU worker %d is dead (%s); re-placing its sessions", engine_id, reason)
             self.alive.discard(engine_id)
+            if self.alive:  # sessions queued for its window (mars-local) move elsewhere
+                self._start_all(
+                    self.cluster.on_engine_removed(engine_id, self.now_s(), self._live_loads())
+                )
 
     # -- tools -----------------------------------------------------------------------
     def tool_executor_for(self, session_id: str) -> int:

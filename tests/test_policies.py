@@ -780,6 +780,33 @@ def test_per_engine_admission_scope_for_mars_local() -> None:
     sched.check_invariants()
 
 
+def test_a_removed_engine_s_queued_sessions_move_to_live_scopes() -> None:
+    """mars-local: sessions queued for a dead engine's window are re-homed to the live
+    engines (in arrival order) instead of waiting for a window that never opens."""
+    sched = cluster_scheduler(
+        "mars-local", num_engines=2, window_min_per_gpu=1, window_init_per_gpu=1
+    )
+    busy_1 = [load(0), load(1, running=5, waiting=5)]
+    assert sched.on_session_arrival(ticket("a", 0.0), 0.0, busy_1) == [Placement("a", 0, 0)]
+    assert sched.on_session_arrival(ticket("b", 1.0), 1.0, busy_1) == []  # queued on 0
+    assert sched.on_session_arrival(ticket("c", 2.0), 2.0, busy_1) == []
+    assert {sched.sessions[s].scope for s in "bc"} == {0}
+    live = [load(1)]
+    # engine 0 dies: b (first in line) starts on engine 1, c waits there
+    assert sched.on_engine_removed(0, 3.0, live) == [Placement("b", 0, 1)]
+    assert sched.sessions["c"].scope == 1 and sched.num_queued() == 1
+    assert sched.on_engine_removed(0, 3.0, live) == [], "idempotent"
+    sched.check_invariants()
+    # the dead scope admits no one again, even with a free slot after a's end
+    sched.on_turn_finished("a", 10, 0.1)
+    assert sched.on_session_finished("a", 4.0, live) == []
+    sched.on_turn_finished("b", 10, 0.1)
+    assert sched.on_session_finished("b", 5.0, live) == [Placement("c", 0, 1)]
+    sched.check_invariants()
+    # a global window has nothing to re-home
+    assert cluster_scheduler("mars", num_engines=2).on_engine_removed(0, 0.0, live) == []
+
+
 def test_global_scope_spans_all_engines() -> None:
     sched = cluster_scheduler("mars", num_engines=4)
     assert not sched.per_engine_admission

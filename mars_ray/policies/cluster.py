@@ -94,6 +94,7 @@ class ClusterScheduler:
         ]
         self._queued: list[dict[str, SessionTicket]] = [{} for _ in range(self._num_scopes)]
         self._num_active = [0] * self._num_scopes
+        self._closed_scopes: set[int] = set()  # engines gone for good (per-engine scopes)
         self._tool_prior_s = config.retention.tool_time_prior_s
         self._tool_alpha = config.retention.tool_time_ema_alpha
         self.sessions: dict[str, SessionState] = {}
@@ -152,6 +153,35 @@ class ClusterScheduler:
         state.last_engine_id = engine_id
         return Placement(session_id, state.next_turn, engine_id)
 
+    def on_engine_removed(
+        self, engine_id: int, now_s: float, engines: Sequence[EngineLoad]
+    ) -> list[Placement]:
+        """Engine ``engine_id`` is gone for good; ``engines`` are the live ones.
+
+        Under a global window nothing changes here (turns on the engine are re-placed
+        by :meth:`on_engine_lost`). Under per-engine admission the engine's scope
+        admits no one again: the sessions queued there move to live engines' scopes
+        (placed as the local router places arrivals, keeping their tickets, so their
+        arrival order holds) and start if those windows allow. Its admitted sessions
+        keep counting against its closed window until they end."""
+        if not self.per_engine_admission or engine_id in self._closed_scopes:
+            return []
+        self._closed_scopes.add(engine_id)
+        stranded, self._queued[engine_id] = self._queued[engine_id], {}
+        if stranded and not engines:
+            raise ValueError("no live engine to move the queued sessions to")
+        scopes = set()
+        for session_id, ticket in stranded.items():
+            scope = self._placement.place_new(session_id, engines)
+            state = self.sessions[session_id]
+            state.scope = state.last_engine_id = scope
+            self._queued[scope][session_id] = ticket
+            scopes.add(scope)
+        started: list[Placement] = []
+        for scope in sorted(scopes):
+            started += self._admit(scope, now_s, engines)
+        return started
+
     def on_session_finished(
         self, session_id: str, now_s: float, engines: Sequence[EngineLoad]
     ) -> list[Placement]:
@@ -196,7 +226,7 @@ class ClusterScheduler:
 
     def _admit(self, scope: int, now_s: float, engines: Sequence[EngineLoad]) -> list[Placement]:
         queued = self._queued[scope]
-        if not queued:
+        if not queued or scope in self._closed_scopes:
             return []
         window = self.admissions[scope].window()
         free = len(queued) if window is None else window - self._num_active[scope]
