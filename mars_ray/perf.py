@@ -171,46 +171,84 @@ def register(app: typer.Typer) -> None:
     @perf.command("agreement")
     def agreement(
         policies: str = typer.Option("fcfs,mars", help="comma-separated policy names"),
+        runtime: str = typer.Option("ray", help="ray (the Serve deployment) or vllm (AsyncLLM)"),
         workload: str = typer.Option("swe"),
         sessions: int = typer.Option(8, min=1),
         rate: float = typer.Option(0.05, min=0.0001, help="sessions/s"),
         gpus: int = typer.Option(1, min=1),
-        time_scale: float = typer.Option(10.0, min=0.1, help="simulated s per wall s (ray)"),
+        time_scale: float = typer.Option(10.0, min=0.1, help="simulated s per wall s"),
         seed: int = typer.Option(0),
         tools: str = typer.Option(
-            "burn", help="burn: tool CPU burns real cores; wait: replayed as waiting"
+            "burn", help="ray: burn: tool CPU burns real cores; wait: replayed as waiting"
         ),
     ) -> None:
-        """Mean JCT of the same trace through --runtime ray and --runtime sim."""
+        """Mean JCT of the same trace through --runtime ray|vllm and --runtime sim; one
+        JSON line per policy as soon as it is measured."""
         if tools not in ("burn", "wait"):
             raise typer.BadParameter(f"--tools must be burn or wait, got {tools!r}")
-        from mars_ray.cluster.perf_runtime import measure_agreement
+        if runtime not in ("ray", "vllm"):
+            raise typer.BadParameter(f"--runtime must be ray or vllm, got {runtime!r}")
+        for policy in [p for p in policies.split(",") if p]:
+            if runtime == "vllm":
+                line = _vllm_agreement(policy, workload, sessions, rate, gpus, time_scale, seed)
+            else:
+                line = _ray_agreement(
+                    policy, workload, sessions, rate, gpus, time_scale, seed, tools == "burn"
+                )
+            print(json.dumps(line, allow_nan=True), flush=True)
 
-        for a in measure_agreement(
-            [p for p in policies.split(",") if p],
-            workload=workload,
-            num_sessions=sessions,
-            rate_per_s=rate,
-            num_gpus=gpus,
-            time_scale=time_scale,
-            seed=seed,
-            burn_cpu=tools == "burn",
-        ):
-            print(
-                json.dumps(
-                    {
-                        "policy": a.policy,
-                        "sessions": a.num_sessions,
-                        "sim_mean_jct_s": round(a.sim_mean_jct_s, 2),
-                        "ray_mean_jct_s": round(a.ray_mean_jct_s, 2),
-                        "ray_over_sim": round(a.ratio, 3),
-                        "within_15pct": abs(a.ratio - 1) <= 0.15,
-                        "completed_sim": a.sim_completed,
-                        "completed_ray": a.ray_completed,
-                        "ray_wall_s": round(a.ray_wall_s, 1),
-                        "sim_mean_tool_s": round(a.sim_mean_tool_s, 2),
-                        "ray_mean_tool_s": round(a.ray_mean_tool_s, 2),
-                    }
-                ),
-                flush=True,
-            )
+
+def _ray_agreement(
+    policy: str,
+    workload: str,
+    sessions: int,
+    rate: float,
+    gpus: int,
+    time_scale: float,
+    seed: int,
+    burn_cpu: bool,
+) -> dict[str, object]:
+    from mars_ray.cluster.perf_runtime import measure_agreement
+
+    (a,) = measure_agreement(
+        [policy],
+        workload=workload,
+        num_sessions=sessions,
+        rate_per_s=rate,
+        num_gpus=gpus,
+        time_scale=time_scale,
+        seed=seed,
+        burn_cpu=burn_cpu,
+    )
+    return {
+        "policy": a.policy,
+        "runtime": "ray",
+        "sessions": a.num_sessions,
+        "sim_mean_jct_s": round(a.sim_mean_jct_s, 2),
+        "ray_mean_jct_s": round(a.ray_mean_jct_s, 2),
+        "ray_over_sim": round(a.ratio, 3),
+        "within_15pct": abs(a.ratio - 1) <= 0.15,
+        "completed_sim": a.sim_completed,
+        "completed_ray": a.ray_completed,
+        "ray_wall_s": round(a.ray_wall_s, 1),
+        "sim_mean_tool_s": round(a.sim_mean_tool_s, 2),
+        "ray_mean_tool_s": round(a.ray_mean_tool_s, 2),
+    }
+
+
+def _vllm_agreement(
+    policy: str, workload: str, sessions: int, rate: float, gpus: int, time_scale: float, seed: int
+) -> dict[str, object]:
+    from mars_ray.vllm.agreement import AgreementConfig, measure_agreement
+
+    config = AgreementConfig(
+        policies=(policy,),
+        workload=workload,
+        num_sessions=sessions,
+        rate_per_s=rate,
+        num_gpus=gpus,
+        time_scale=time_scale,
+        seed=seed,
+    )
+    (a,) = measure_agreement(config)
+    return {"runtime": "vllm", **a.to_dict()}
