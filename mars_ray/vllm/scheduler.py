@@ -42,6 +42,7 @@ Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``)
 * ``Scheduler.waiting``, ``Scheduler.skipped_waiting`` (``RequestQueue``),
   ``Scheduler.running`` (list; FCFS preemption pops its last element),
   ``Scheduler.requests``, ``Scheduler.policy``, ``Scheduler.defer_block_free``,
+  ``Scheduler.processed_step_seq``, ``Request.last_sched_seq`` (deferred frees),
   ``Scheduler.num_lookahead_tokens``, ``Scheduler.max_num_scheduled_tokens`` (the
   step's token budget), ``Scheduler.max_num_running_reqs``; ``Request``
   ``num_tokens_with_spec`` / ``num_output_placeholders`` (what ``schedule()`` would
@@ -370,13 +371,19 @@ class MarsScheduler(AsyncScheduler):
         return result
 
     def _free_request_blocks(self, request: Request) -> None:
-        if request.is_finished() and not self.defer_block_free:
+        if request.is_finished() and self._frees_now(request):
             action = self.retention_action(request)
             self.retention_actions[action] += 1
             if action is RetentionAction.EVICT_FIRST:
                 self._free_evict_first(request)
                 return
         super()._free_request_blocks(request)
+
+    def _frees_now(self, request: Request) -> bool:
+        """vLLM frees a request's blocks at once unless a step still in flight may write
+        them (async scheduling with a consumer KV connector: ``defer_block_free``);
+        deferred blocks return to the pool later in vLLM's order, beyond retention."""
+        return not self.defer_block_free or request.last_sched_seq <= self.processed_step_seq
 
     def retention_action(self, request: Request) -> RetentionAction:
         """Where a finished turn's blocks go: ``KEEP_LRU`` or ``EVICT_FIRST``."""

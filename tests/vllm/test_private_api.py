@@ -7,7 +7,7 @@ import inspect
 from pathlib import Path
 
 import vllm
-from factories import make_scheduler
+from factories import make_request, make_scheduler
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
@@ -61,6 +61,7 @@ def test_kv_cache_internals_we_touch_exist(tiny_model_dir: Path) -> None:
         "requests",
         "policy",
         "defer_block_free",
+        "processed_step_seq",
         "num_lookahead_tokens",
         "kv_cache_manager",
         "block_size",
@@ -68,6 +69,7 @@ def test_kv_cache_internals_we_touch_exist(tiny_model_dir: Path) -> None:
         "max_num_running_reqs",
     ):
         assert hasattr(sched, name), f"Scheduler.{name} is gone"
+    assert hasattr(make_request("r", 4), "last_sched_seq"), "Request.last_sched_seq is gone"
     source = inspect.getsource(Scheduler.schedule)
     assert "token_budget = self.max_num_scheduled_tokens" in source  # the leftover estimate
     assert "request.num_tokens_with_spec\n                + request.num_output_placeholders" in (
@@ -83,3 +85,21 @@ def test_kv_cache_internals_we_touch_exist(tiny_model_dir: Path) -> None:
     block = KVCacheBlock(0)
     for name in ("ref_cnt", "block_hash", "is_null"):
         assert hasattr(block, name), f"KVCacheBlock.{name} is gone"
+
+
+def test_offloading_connector_internals_the_offload_prototype_overrides() -> None:
+    """``mars_ray.vllm.offload`` overrides these private hooks of vLLM 0.29."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.scheduler import (
+        OffloadingConnectorScheduler,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
+        OffloadingConnector,
+    )
+
+    assert callable(getattr(Scheduler, "_connector_finished", None)), "_connector_finished"
+    build = getattr(OffloadingConnectorScheduler, "_build_store_jobs", None)
+    assert callable(build), "OffloadingConnectorScheduler._build_store_jobs is gone"
+    assert list(inspect.signature(build).parameters) == ["self", "scheduler_output"]
+    source = inspect.getsource(build)
+    assert "num_scheduled_tokens" in source and "finished_req_ids" in source
+    assert "self.connector_scheduler" in inspect.getsource(OffloadingConnector.__init__)

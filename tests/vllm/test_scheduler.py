@@ -17,6 +17,7 @@ from factories import (
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
 from mars_ray.clock import VirtualClock
+from mars_ray.policies.base import RetentionAction
 from mars_ray.policies.registry import POLICIES
 from mars_ray.vllm.hints import SessionHints
 from mars_ray.vllm.scheduler import MarsFeatures, MarsScheduler
@@ -267,6 +268,22 @@ def test_a_last_turn_s_blocks_go_where_the_policy_says(
     run_to_completion(sched)
     assert {a.value: n for a, n in sched.retention_actions.items()} == {action: 1}
     assert_no_leak(sched)
+
+
+def test_retention_applies_under_deferred_block_free(tiny_model_dir: Path) -> None:
+    """With async scheduling and a consumer KV connector vLLM defers frees only while
+    a step may still write the blocks; a turn whose last step was processed is freed
+    at once, so the retention rule must still decide where its blocks go."""
+    sched = make_scheduler(MarsScheduler, tiny_model_dir)
+    assert isinstance(sched, MarsScheduler)
+    sched.defer_block_free = True  # what vLLM sets for that configuration
+    sched.add_request(make_request("last", 40, 3, hints=_hints("s", turn=2, last=True)))
+    run_to_completion(sched)
+    assert sched.retention_actions[RetentionAction.EVICT_FIRST] == 1
+    # a request whose last step is still in flight is left to vLLM's deferred free
+    request = make_request("inflight", 40, 3, hints=_hints("t", turn=2, last=True))
+    request.last_sched_seq = sched.processed_step_seq + 1
+    assert not sched._frees_now(request)
 
 
 def test_the_policy_clock_runs_at_the_configured_time_scale(tiny_model_dir: Path) -> None:
