@@ -37,6 +37,10 @@ from mars_ray.policies.base import (
 
 MAX_DECODE_RUN_STEPS = 256  # cap on steps planned at once (bounds interrupt cost)
 
+# What an engine's load is computed from: ids, free blocks, running, waiting,
+# retained blocks, capacity weight.
+_LoadKey = tuple[int, int, int, int, int, int, float]
+
 
 @dataclass(slots=True)
 class StepPlan:
@@ -121,6 +125,7 @@ class SimEngine:
         # part of the working set that KV usage alone does not show.
         self._retained_blocks: dict[str, int] = {}
         self._num_retained_blocks = 0
+        self._load_cache: tuple[_LoadKey, EngineLoad] | None = None
 
     # -- capacity ---------------------------------------------------------------
     @property
@@ -145,15 +150,30 @@ class SimEngine:
         return (self.pool.num_used_blocks + self._num_retained_blocks) / self.pool.num_blocks
 
     def load(self) -> EngineLoad:
-        return EngineLoad(
+        # Placement reads every engine's load per decision, far more often than an
+        # engine changes; the load is a function of this key, so reuse it until then.
+        key: _LoadKey = (
             self.engine_id,
             self.node_id,
-            self.pool.usage,
+            self.pool.num_free_blocks,
             len(self.running),
             len(self.waiting),
+            self._num_retained_blocks,
             self.capacity_weight,
-            self.kv_demand,
         )
+        cached = self._load_cache
+        if cached is None or cached[0] != key:
+            load = EngineLoad(
+                self.engine_id,
+                self.node_id,
+                self.pool.usage,
+                len(self.running),
+                len(self.waiting),
+                self.capacity_weight,
+                self.kv_demand,
+            )
+            cached = self._load_cache = (key, load)
+        return cached[1]
 
     @property
     def is_busy(self) -> bool:
@@ -386,8 +406,7 @@ class SimEngine:
     def _reload(self, request: EngineRequest, first_block: int, num_blocks: int) -> None:
         blocks = self.pool.allocate(num_blocks)
         assert blocks is not None
-        for i, block in enumerate(blocks):
-            self.pool.set_hash(block, (request.session_id, first_block + i))
+        self.pool.cache_blocks(request.session_id, first_block, blocks)
         request.block_ids.extend(blocks)
         self.stats.num_reloaded_blocks += num_blocks
         self._pending_reload_s += self.cost.swap_time_s(num_blocks * self._bs)
@@ -525,9 +544,8 @@ class SimEngine:
         bs = self._bs
         first_full, last_full = start // bs, end // bs
         if last_full > first_full:
-            sid, blocks, pool = request.session_id, request.block_ids, self.pool
-            for index in range(first_full, last_full):
-                pool.set_hash(blocks[index], (sid, index))
+            blocks = request.block_ids[first_full:last_full]
+            self.pool.cache_blocks(request.session_id, first_full, blocks)
 
     # -- turn end and retention -------------------------------------------------
     def turn_end_context(self, request: EngineRequest, predicted_tool_s: float) -> TurnEndContext:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 
@@ -276,12 +276,14 @@ class EngineLoad:
     num_waiting: int
     capacity_weight: float = 1.0  # relative speed (an H200 beside an H100 > 1)
     kv_demand: float = 0.0  # working set incl. KV kept for sessions in tools (may exceed 1)
+    #: lower is better: queue depth and KV working set, scaled by capacity. Derived
+    #: once here: placement compares every engine's score at every decision.
+    load_score: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def load_score(self) -> float:
-        """Lower is better: queue depth and KV working set, scaled by capacity."""
+    def __post_init__(self) -> None:
         kv = max(self.kv_usage, self.kv_demand)
-        return (self.num_running + 2.0 * self.num_waiting + 64.0 * kv) / (self.capacity_weight)
+        score = (self.num_running + 2.0 * self.num_waiting + 64.0 * kv) / (self.capacity_weight)
+        object.__setattr__(self, "load_score", score)  # frozen: the dataclass idiom
 
 
 class PlacementPolicy(ABC):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from operator import attrgetter
 
 from mars_ray.policies.base import EngineLoad, PlacementPolicy
 
+_BY_LOAD = attrgetter("load_score", "engine_id")  # ties go to the lowest id
+
 
 def _least_loaded(engines: Sequence[EngineLoad]) -> EngineLoad:
-    return min(engines, key=lambda e: (e.load_score, e.engine_id))
+    return min(engines, key=_BY_LOAD)
 
 
 class KvAffinePlacement(PlacementPolicy):
