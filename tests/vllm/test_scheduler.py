@@ -49,28 +49,25 @@ def test_service_from_other_gpus_sets_the_autellix_level(tiny_model_dir: Path) -
     """A global scheduler hands each turn the service its session got on every GPU
     (``service_tokens``); PLAS ranks by it, so a session served elsewhere waits
     behind a fresh one that arrived later."""
-    sched = make_scheduler(
-        MarsScheduler,
-        tiny_model_dir,
-        policy="autellix",
-        num_blocks=256,
-        max_num_seqs=1,
-        max_model_len=4096,
-    )
+
+    def plas() -> AsyncScheduler:  # one request at a time: the order shows
+        return make_scheduler(
+            MarsScheduler,
+            tiny_model_dir,
+            policy="autellix",
+            num_blocks=256,
+            max_num_seqs=1,
+            max_model_len=4096,
+        )
+
+    sched = plas()
     served = SessionHints("s1", turn_index=4, last_turn=False, service_tokens=10**6)
     sched.add_request(make_request("served", 100, arrival_s=0.0, hints=served))
     sched.add_request(make_request("fresh", 100, arrival_s=1.0, hints=_hints("s2", turn=1)))
     assert sched.view_of("served").session_service_tokens == 10**6
     assert [new.req_id for new in step(sched).scheduled_new_reqs] == ["fresh"]
     # without the hint the engine knows only its own service: arrival order
-    local = make_scheduler(
-        MarsScheduler,
-        tiny_model_dir,
-        policy="autellix",
-        num_blocks=256,
-        max_num_seqs=1,
-        max_model_len=4096,
-    )
+    local = plas()
     local.add_request(make_request("served", 100, arrival_s=0.0, hints=_hints("s1", turn=4)))
     local.add_request(make_request("fresh", 100, arrival_s=1.0, hints=_hints("s2", turn=1)))
     assert [new.req_id for new in step(local).scheduled_new_reqs] == ["served"]
