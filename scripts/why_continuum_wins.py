@@ -9,7 +9,9 @@ from the registry's own specs with one part replaced:
 * ``mars+ttl-pin``: MARS with Continuum's retention (pin short-tool sessions' KV);
 * ``mars+benefit-pin``: MARS pinning what its benefit rule keeps (TTL 1.5x tool);
 * ``continuum-no-pin``: Continuum's program-level FCFS with vLLM's LRU retention;
-* ``continuum+admission``: Continuum with MARS's AIMD admission window.
+* ``continuum+admission``: Continuum with MARS's AIMD admission window;
+* ``program-fcfs+mars-retention+admission``: MARS with Continuum's program-level
+  FCFS in place of its MLFQ (MARS's benefit retention and admission kept).
 
 Prints mean JCT (s) per policy and load.
 """
@@ -51,6 +53,12 @@ def register_variants() -> list[str]:
             continuum, name="continuum-no-pin", make_retention=lambda c: LruRetention()
         ),
         dataclasses.replace(continuum, name="continuum+admission", aimd_admission=True),
+        dataclasses.replace(
+            continuum,
+            name="program-fcfs+mars-retention+admission",
+            make_retention=lambda c: BenefitRetention(),
+            aimd_admission=True,
+        ),
     ]
     for spec in variants:
         POLICIES.add(spec.name, spec)
@@ -74,6 +82,7 @@ def main() -> None:
         cpu_cores_per_gpu=16,
     )
     plan = plan_bench(config)
+    print(f"{args.workload}, mean JCT (s):", flush=True)
     for point in plan.points:
         sessions = sessions_at(plan, point, 0)
         cells = []
