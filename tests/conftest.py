@@ -6,8 +6,14 @@ something silently stopped being tested."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import typer
+from typer.testing import CliRunner
+
+from mars_ray.workloads.cli import register
 
 _skipped: list[str] = []
 
@@ -27,3 +33,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shown = ", ".join(_skipped[:5]) + (" ..." if len(_skipped) > 5 else "")
         print(f"\nerror: MARS_REQUIRE_ALL=1 but {len(_skipped)} test(s) skipped: {shown}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def trace_cli() -> Callable[..., Any]:
+    """``mars-ray trace ...`` through typer's runner (workloads and importers tests)."""
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(app, ["trace", *args])
+
+    return invoke

@@ -11,14 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from mars_ray import cli
 from mars_ray.errors import ConfigError, TraceError, UnknownNameError
 from mars_ray.session import SessionSpec, Turn
 from mars_ray.workloads import poisson_arrivals, read_trace, write_trace
-from mars_ray.workloads.cli import register
 from mars_ray.workloads.importers import (
     IMPORTERS,
     Fit,
@@ -555,18 +552,6 @@ def test_tracelab_unreadable_inputs(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- cli
-
-
-@pytest.fixture
-def trace_cli() -> Callable[..., Any]:
-    app = typer.Typer()
-    register(app)
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Any:
-        return runner.invoke(app, ["trace", *args])
-
-    return invoke
 
 
 def test_cli_imports_swe_agent_with_poisson_arrivals(

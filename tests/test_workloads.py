@@ -12,8 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from mars_ray.errors import ConfigError, TraceError, UnknownNameError
 from mars_ray.session import SessionSpec, Turn
@@ -26,7 +24,6 @@ from mars_ray.workloads import (
     read_trace,
     write_trace,
 )
-from mars_ray.workloads.cli import register
 
 WINDOW_TOKENS = 131_072
 
@@ -431,18 +428,6 @@ def test_assign_arrivals_keeps_order_and_checks_lengths() -> None:
 
 
 # --------------------------------------------------------------------------- cli
-
-
-@pytest.fixture
-def trace_cli() -> Callable[..., Any]:
-    app = typer.Typer()
-    register(app)
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Any:
-        return runner.invoke(app, ["trace", *args])
-
-    return invoke
 
 
 def test_cli_generate_then_inspect(tmp_path: Path, trace_cli: Callable[..., Any]) -> None:
