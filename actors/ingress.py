@@ -56,7 +56,7 @@ from .engine_runner import sim_token_id
 from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, TurnWork
 from .names import NAMESPACE, executor_name, worker_name
 from .scheduler import ONE_SHOT_PREFIX, SessionError
-from .tokenizer import make_tokenizer
+from .tokenizer import make_tokenizer, sampled_text
 from .turn_channel import TurnChannel, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
@@ -328,11 +328,6 @@ def _background(ref: Any, what: str) -> None:
     task.add_done_callback(_pending.discard)
 
 
-def _text(ids: list[int]) -> str:
-    """The simulated model's text of sampled ids (``WordTokenizer`` reads it back)."""
-    return "".join(f" t{i}" for i in ids)
-
-
 Decode = Callable[[list[int]], str]
 
 
@@ -422,7 +417,7 @@ class Ingress:
         limit = self.config.max_prompt_tokens or self.runtime.max_context_tokens
         self.max_context_tokens = min(limit, self.runtime.max_context_tokens)
         self.tokenizer = make_tokenizer(self.config)
-        self.decode: Decode = _text if self.tokenizer is None else self.tokenizer.decode
+        self.decode: Decode = sampled_text if self.tokenizer is None else self.tokenizer.decode
         self.started_s = time.time()
 
     # -- actor handles ---------------------------------------------------------------

@@ -54,6 +54,11 @@ def message_text(message: ChatMessage) -> str:
     return " ".join(p["text"] for p in message.content if isinstance(p.get("text"), str))
 
 
+def sampled_text(ids: list[int]) -> str:
+    """The simulated model's text of sampled ids: `` t<i>`` each (read back as ``i``)."""
+    return "".join(f" t{i}" for i in ids)
+
+
 class WordTokenizer:
     """The simulated model's tokenizer (module docstring); ids below ``vocab_size``."""
 
@@ -76,7 +81,7 @@ class WordTokenizer:
         return [i for message in messages for i in self.text_ids(message_text(message))]
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(f" t{i}" for i in ids)
+        return sampled_text(ids)
 
 
 class HfTokenizer:
