@@ -208,11 +208,13 @@ class VllmEngineRunner:
         first_mono: float,
         end_mono: float,
     ) -> TurnDone:
+        from mars_ray.vllm.bench_runtime import TurnTokens
+
         num_prompt = len(work.prompt_token_ids)
         scale = self.time_scale  # simulated seconds per wall second (1: a real GPU)
-        # KV of the earlier context that had to be computed again (evicted meanwhile);
-        # the last output token of the previous turn never had KV, hence the -1.
-        prior_computed = min(max(0, work.prior_context_tokens - 1), num_prompt)
+        # the previous turn's last output token never had KV, hence the -1
+        computed_before = max(0, work.prior_context_tokens - 1)
+        tokens = TurnTokens.of(num_prompt, num_out, cached, computed_before)
         return TurnDone(
             session_id=work.session_id,
             turn_index=work.turn_index,
@@ -220,9 +222,9 @@ class VllmEngineRunner:
             prompt_tokens=num_prompt,
             output_tokens=num_out,
             cached_tokens=cached,
-            recomputed_tokens=max(0, prior_computed - cached),
+            recomputed_tokens=tokens.recomputed,
             num_preemptions=0,  # per-request preemptions are not reported by vLLM 0.29
-            service_tokens=num_prompt - cached + num_out,
+            service_tokens=tokens.service,
             service_s=(end_mono - submit_mono) * scale,
             ttft_s=(first_mono - submit_mono) * scale,
             e2e_s=(end_mono - submit_mono) * scale,

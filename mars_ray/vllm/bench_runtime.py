@@ -138,6 +138,20 @@ class VllmRun(NamedTuple):
         return late_s / mean_e2el_s if mean_e2el_s > 0 else 0.0
 
 
+class TurnTokens(NamedTuple):
+    """A finished turn's token accounting, as far as vLLM 0.29 reports it."""
+
+    recomputed: int  # earlier context computed again (it was evicted meanwhile)
+    service: int  # tokens the engine computed for the turn (prefill misses + outputs)
+
+    @classmethod
+    def of(cls, num_prompt: int, num_output: int, cached: int, computed_before: int) -> TurnTokens:
+        """``computed_before``: the session's context whose KV was computed by the end
+        of its previous turn (all but that turn's last output token)."""
+        recomputed = max(0, min(computed_before, num_prompt) - cached)
+        return cls(recomputed, num_prompt - cached + num_output)
+
+
 # --------------------------------------------------------------------------- time
 
 
@@ -545,6 +559,7 @@ class _Driver:
     ) -> None:
         output_ids = list(final.outputs[0].token_ids)
         cached = final.num_cached_tokens or 0
+        tokens = TurnTokens.of(len(prompt), len(output_ids), cached, run.computed_tokens)
         metrics = getattr(final, "metrics", None)
         first_mono = getattr(metrics, "first_token_ts", 0.0) or 0.0
         first_token_s = self.clock.sim_s(first_mono) if first_mono > 0 else finish_s
@@ -559,14 +574,13 @@ class _Driver:
                 prompt_tokens=len(prompt),
                 output_tokens=len(output_ids),
                 cached_tokens=cached,
-                recomputed_tokens=max(0, min(run.computed_tokens, len(prompt)) - cached),
+                recomputed_tokens=tokens.recomputed,
                 num_preemptions=0,
             )
         )
         run.context = prompt + output_ids
         run.computed_tokens = len(run.context) - 1  # the last output's KV is never computed
-        service_tokens = len(prompt) - cached + len(output_ids)
-        self.scheduler.on_turn_finished(run.spec.session_id, service_tokens, finish_s - submit_s)
+        self.scheduler.on_turn_finished(run.spec.session_id, tokens.service, finish_s - submit_s)
 
     async def _tool(self, run: _SessionRun, index: int, engine_id: int) -> int:
         """The tool call after turn ``index``; returns the engine of the next turn."""
