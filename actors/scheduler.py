@@ -101,6 +101,11 @@ class GlobalSchedulerImpl:
         self.spec = get_policy(config.policy)
         self.clock = WallClock(config.time_scale)
         self.cost = CostModel(load_profile(config.cluster.gpu, config.cluster.model))
+        self.migration = (
+            self.spec.make_migration(config.policy_config, self.cost.kv_bytes_per_token)
+            if config.migrates_kv
+            else None
+        )
         self.cluster = ClusterScheduler(
             self.spec, config.policy_config, config.cluster.num_gpus, random.Random(config.seed)
         )
@@ -121,6 +126,7 @@ class GlobalSchedulerImpl:
         self.num_kv_moves = 0
         self.num_kv_moved_blocks = 0
         self.num_kv_move_failures = 0
+        self.num_kv_recomputes = 0  # the migration rule chose recompute over a transfer
         self._tick_task: asyncio.Task[None] | None = None
 
     # -- registration ------------------------------------------------------------
@@ -236,11 +242,21 @@ class GlobalSchedulerImpl:
 
     async def _move_kv(self, session_id: str, src: int, dst: int) -> int:
         """The session's next turn runs on ``dst``: bring its KV from ``src`` over the
-        workers' process group (both sides at once), or, without migration or if the
+        workers' process group (both sides at once) when the migration rule says the
+        transfer beats recomputing; otherwise, or without migration, or if the
         transfer fails, drop it on ``src`` (the turn recomputes). Returns blocks moved."""
-        if not (self.config.migrates_kv and src in self.alive and dst in self.alive):
+        if self.migration is None or src not in self.alive or dst not in self.alive:
             self._forget(src, session_id)
             return 0
+        same_node = self.engine_nodes[src] == self.engine_nodes[dst]
+        num_tokens = self.sessions[session_id].context_tokens  # at most what src holds
+        decision = self.migration.decide(num_tokens, same_node, self._recompute_s(num_tokens))
+        if not decision.move:
+            self.num_kv_recomputes += 1
+            self.telemetry.kv_migration("recomputed")
+            self._forget(src, session_id)
+            return 0
+        started_s = time.monotonic()
         sent = self.workers[src].send_kv.remote(session_id, dst)
         received = self.workers[dst].receive_kv.remote(session_id, src)
         try:
@@ -250,11 +266,28 @@ class GlobalSchedulerImpl:
         except Exception as exc:  # a dead peer, a timeout: recompute instead
             log.warning("KV of session %s not moved %d -> %d: %r", session_id, src, dst, exc)
             self.num_kv_move_failures += 1
+            self.telemetry.kv_migration("failed")
             self._forget(src, session_id)
             return 0
+        num_blocks = int(num_blocks)
         self.num_kv_moves += 1
-        self.num_kv_moved_blocks += int(num_blocks)
-        return int(num_blocks)
+        self.num_kv_moved_blocks += num_blocks
+        self.telemetry.kv_migration("moved", num_blocks)
+        # A simulated device's payload is a sliver of the real KV (cluster/kv_transfer.py),
+        # so its copy is not a GPU link's: the turn waits out the modelled link time, as
+        # in the simulator.
+        link_s = self.migration.transfer_s(
+            num_blocks * self.config.engine_config.block_size, same_node
+        )
+        await asyncio.sleep(
+            max(0.0, link_s / self.config.time_scale - (time.monotonic() - started_s))
+        )
+        return num_blocks
+
+    def _recompute_s(self, num_tokens: int) -> float:
+        """Seconds a GPU alone takes to prefill ``num_tokens`` (the migration's rival)."""
+        budget = self.config.engine_config.max_num_batched_tokens
+        return self.cost.prefill_time_s(num_tokens, chunk_budget=budget)
 
     async def move_session(self, session_id: str, engine_id: int) -> int:
         """Rebalance: move a session between turns to ``engine_id``, KV included; its
@@ -543,6 +576,7 @@ class GlobalSchedulerImpl:
             "num_kv_moves": self.num_kv_moves,
             "num_kv_moved_blocks": self.num_kv_moved_blocks,
             "num_kv_move_failures": self.num_kv_move_failures,
+            "num_kv_recomputes": self.num_kv_recomputes,
         }
 
 

@@ -176,6 +176,9 @@ def _counters(url: str, num_gpus: int, span_s: float, time_scale: float) -> RunC
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            if sample.name == "mars_kv_migrations_total":
+                key = f"kv_migrations_{sample.labels['outcome']}"
+                totals[key] = totals.get(key, 0.0) + sample.value
     busy_s = totals.get("mars_gpu_busy_seconds_total", 0.0)
     return RunCounters(
         num_preemptions=int(totals.get("mars_preemptions_total", 0)),
@@ -185,6 +188,8 @@ def _counters(url: str, num_gpus: int, span_s: float, time_scale: float) -> RunC
         num_retries=int(
             totals.get("mars_turn_retries_total", 0) + totals.get("mars_tool_retries_total", 0)
         ),
+        num_kv_moves=int(totals.get("kv_migrations_moved", 0)),
+        num_kv_moved_blocks=int(totals.get("mars_kv_migrated_blocks_total", 0)),
     )
 
 

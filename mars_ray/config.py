@@ -102,6 +102,27 @@ class RetentionConfig(FrozenConfig):
     continuum_ttl_factor: float = Field(1.5, gt=0, description="TTL = factor * predicted tool time")
 
 
+class MigrationConfig(FrozenConfig):
+    """Moving a session's KV between GPUs when placement sends its next turn to
+    another one (the global scheduler's placement only; a local router knows no KV).
+
+    The link figures are effective point-to-point rates for one transfer, not the
+    links' peaks: NVLink 4 on an H100 node peaks at 450 GB/s per direction and NCCL
+    send/recv reaches well under that for one pair; a 200 Gb/s RDMA NIC is 25 GB/s.
+    """
+
+    enabled: bool = True
+    intra_node_gb_per_s: float = Field(
+        300.0, gt=0, description="GPU to GPU on one node (NVLink), GB/s"
+    )
+    inter_node_gb_per_s: float = Field(
+        25.0, gt=0, description="GPU to GPU across nodes (RDMA NIC), GB/s"
+    )
+    setup_ms: float = Field(
+        2.0, ge=0, description="fixed cost of one transfer (rendezvous, launch), ms"
+    )
+
+
 class EngineConfig(FrozenConfig):
     """One simulated (or vLLM) engine: vLLM V1's defaults for an online server."""
 

@@ -260,6 +260,8 @@ def summarize_run(run: RunResult, *, load: float | None = None) -> dict[str, Any
         "evicted_blocks_per_min": _per_min(c.num_evicted_blocks, run.simulated_s),
         "offloaded_blocks": c.num_offloaded_blocks,
         "reloaded_blocks": c.num_reloaded_blocks,
+        "kv_moves": c.num_kv_moves,
+        "kv_moved_blocks": c.num_kv_moved_blocks,
     }
     extra_request = {k: v for k, v in asdict(rm).items() if k not in entry}
     entry.update(extra_request)

@@ -86,6 +86,8 @@ class RunCounters:
     cpu_utilization: float = 0.0  # mean over nodes of busy cores / cores
     mean_tool_queue_wait_s: float = 0.0  # tool delay beyond its uncontended time
     num_retries: int = 0
+    num_kv_moves: int = 0  # sessions whose KV followed them to another GPU
+    num_kv_moved_blocks: int = 0
 
 
 @dataclass(frozen=True)

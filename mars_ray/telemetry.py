@@ -89,6 +89,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("mars_turns", "counter", "turns finished", ("engine",)),
     MetricSpec("mars_turn_retries", "counter", "turns retried after a worker failure"),
     MetricSpec(
+        "mars_kv_migrations",
+        "counter",
+        "continuations placed away from their KV: moved, recomputed (the rule), failed",
+        ("outcome",),
+    ),
+    MetricSpec("mars_kv_migrated_blocks", "counter", "KV blocks moved between GPUs"),
+    MetricSpec(
         "mars_turn_ttft_seconds", "histogram", "time to first token of a turn", (), _SHORT_BUCKETS_S
     ),
     # CPU tool pool (one series per node)
@@ -214,6 +221,12 @@ class Telemetry:
 
     def turn_retried(self) -> None:
         self._counter("mars_turn_retries").inc()
+
+    def kv_migration(self, outcome: str, num_blocks: int = 0) -> None:
+        """A continuation placed away from its KV: ``moved``, ``recomputed`` or ``failed``."""
+        self._counter("mars_kv_migrations", outcome).inc()
+        if num_blocks:
+            self._counter("mars_kv_migrated_blocks").inc(num_blocks)
 
     def tool_retried(self) -> None:
         self._counter("mars_tool_retries").inc()

@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from mars_ray.config import AdmissionConfig, MlfqConfig, RetentionConfig
+from mars_ray.config import AdmissionConfig, MigrationConfig, MlfqConfig, RetentionConfig
 from mars_ray.engine.request import EngineRequest
 from mars_ray.errors import UnknownNameError
 from mars_ray.policies import (
@@ -31,6 +31,7 @@ from mars_ray.policies import (
 from mars_ray.policies.admission import AimdAdmission, UnlimitedAdmission
 from mars_ray.policies.baselines import FcfsScheduler, PlasScheduler, ProgramFcfsScheduler
 from mars_ray.policies.cluster import ClusterScheduler, Placement, SessionPhase
+from mars_ray.policies.migration import KvMigrationRule
 from mars_ray.policies.mlfq import MlfqScheduler, MlfqState
 from mars_ray.policies.placement import KvAffinePlacement, PowerOfTwoPlacement
 from mars_ray.policies.queues import FifoQueue, LeveledQueue
@@ -923,3 +924,28 @@ def test_a_turn_whose_engine_died_is_placed_on_a_live_engine_and_queued_sessions
     assert scheduler.on_session_cancelled("c", 0.3, live) == []  # left the queue
     assert scheduler.num_queued() == 0
     scheduler.check_invariants()
+
+
+# --------------------------------------------------------------------------- KV migration
+
+
+def test_migration_rule_prices_the_link_and_moves_only_when_faster() -> None:
+    config = MigrationConfig(intra_node_gb_per_s=100.0, inter_node_gb_per_s=10.0, setup_ms=1.0)
+    rule = KvMigrationRule(config, kv_bytes_per_token=100_000)  # 1k tokens = 0.1 GB
+    assert rule.transfer_s(1000, same_node=True) == pytest.approx(0.001 + 0.001)
+    assert rule.transfer_s(1000, same_node=False) == pytest.approx(0.001 + 0.01)
+    assert rule.decide(1000, same_node=False, recompute_s=0.02).move
+    slow = rule.decide(1000, same_node=False, recompute_s=0.005)
+    assert not slow.move and slow.reason.startswith("recompute: 1000 tokens")
+    assert not rule.decide(0, same_node=True, recompute_s=1.0).move  # nothing to move
+    with pytest.raises(ValueError):
+        rule.decide(-1, same_node=True, recompute_s=1.0)
+
+
+def test_only_a_global_kv_aware_placement_migrates_kv() -> None:
+    config = PolicyConfig()
+    assert get_policy("mars").make_migration(config, 1) is not None
+    assert get_policy("fcfs").make_migration(config, 1) is not None
+    assert get_policy("mars-local").make_migration(config, 1) is None  # router knows no KV
+    off = PolicyConfig(migration=MigrationConfig(enabled=False))
+    assert get_policy("mars").make_migration(off, 1) is None

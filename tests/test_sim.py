@@ -4,7 +4,10 @@ shares its cores, and impossible sessions are refused up front."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
+import random
 import sys
 import types
 from collections.abc import Sequence
@@ -12,10 +15,13 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from mars_ray.config import ClusterConfig, EngineConfig
+from mars_ray.config import ClusterConfig, EngineConfig, MigrationConfig
+from mars_ray.engine.costmodel import CostModel
 from mars_ray.errors import InfeasibleError
 from mars_ray.policies import POLICIES, PolicyConfig, PolicySpec, get_policy
+from mars_ray.policies.base import EngineLoad, PlacementPolicy
 from mars_ray.policies.baselines import FcfsScheduler
+from mars_ray.policies.migration import KvMigrationRule
 from mars_ray.policies.retention import LruRetention
 from mars_ray.results import RunResult
 from mars_ray.session import SessionSpec, Turn
@@ -343,3 +349,85 @@ def test_no_engine_reports_retained_kv_after_every_session_finished() -> None:
         result = sim.run()
         assert result.sessions[0].completed
         assert [engine.kv_demand for engine in sim.engines] == [0.0] * 4
+
+
+# --------------------------------------------------------------------------- KV migration
+
+
+class _Alternate(PlacementPolicy):
+    """Test placement: every continuation goes to the next GPU (engine ids wrap)."""
+
+    def place_new(self, session_id: str, engines: Sequence[EngineLoad]) -> int:
+        return 0
+
+    def place_continuation(
+        self, session_id: str, last_engine_id: int | None, engines: Sequence[EngineLoad]
+    ) -> int:
+        return ((last_engine_id or 0) + 1) % len(engines)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AlternatingSpec(PolicySpec):
+    def make_placement(self, rng: random.Random) -> PlacementPolicy:
+        return _Alternate()
+
+
+def _alternating_run(
+    monkeypatch: pytest.MonkeyPatch, cluster: ClusterConfig, migration: MigrationConfig
+) -> tuple[RunResult, float]:
+    spec = _AlternatingSpec(
+        "alt", "moves every turn", lambda c: FcfsScheduler(), lambda c: LruRetention()
+    )
+    module = types.ModuleType("alternating_policies")
+    module.SPEC = spec  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "alternating_policies", module)
+    session = LONE_SESSIONS[0]
+    result = simulate(
+        [session],
+        "alternating_policies:SPEC",
+        cluster=cluster,
+        policy_config=PolicyConfig(migration=migration),
+        check_invariants=True,
+    )
+    (record,) = result.sessions
+    assert record.completed and record.jct_s is not None and record.ideal_s is not None
+    return result, record.jct_s - record.ideal_s
+
+
+@pytest.mark.parametrize("num_nodes", [1, 2], ids=["same-node", "across-nodes"])
+def test_kv_follows_a_session_to_another_gpu(
+    monkeypatch: pytest.MonkeyPatch, num_nodes: int
+) -> None:
+    """Each continuation lands on the other GPU with its whole computed context cached
+    there, and the session is late by exactly the modelled link time of each copy."""
+    cluster = ClusterConfig(num_gpus=2, num_nodes=num_nodes)
+    config = MigrationConfig()
+    result, late_s = _alternating_run(monkeypatch, cluster, config)
+    turns = sorted(result.requests, key=lambda r: r.turn_index)
+    assert [t.engine_id for t in turns] == [0, 1, 0]
+    rule = KvMigrationRule(
+        config, CostModel.from_names(cluster.gpu, cluster.model).kv_bytes_per_token
+    )
+    expected_late_s = 0.0
+    for prev, turn in itertools.pairwise(turns):
+        full_blocks = (prev.prompt_tokens + prev.output_tokens - 1) // 16
+        assert turn.cached_tokens == full_blocks * 16 and turn.recomputed_tokens < 16
+        expected_late_s += rule.transfer_s(full_blocks * 16, same_node=num_nodes == 1)
+    assert result.counters.num_kv_moves == 2
+    assert late_s == pytest.approx(expected_late_s, rel=1e-6, abs=1e-9)
+    assert late_s > 0
+
+
+def test_without_migration_or_over_a_slow_link_the_context_is_recomputed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cluster = ClusterConfig(num_gpus=2, num_nodes=2)
+    slow_link = MigrationConfig(inter_node_gb_per_s=1e-3)  # copying 1 MB takes a second
+    for config in (MigrationConfig(enabled=False), slow_link):
+        result, late_s = _alternating_run(monkeypatch, cluster, config)
+        assert result.counters.num_kv_moves == 0
+        _, second, third = sorted(result.requests, key=lambda r: r.turn_index)
+        assert second.cached_tokens == 0 and second.recomputed_tokens == 3199  # turn 0 computed
+        # Back on GPU 0, which still caches turn 0's context but not turn 1's.
+        assert third.cached_tokens == 3184 and third.recomputed_tokens == 615
+        assert late_s > 0.1  # re-prefilling 3k+ tokens twice

@@ -14,7 +14,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from mars_ray.config import AdmissionConfig, FrozenConfig, MlfqConfig, RetentionConfig
+from mars_ray.config import (
+    AdmissionConfig,
+    FrozenConfig,
+    MigrationConfig,
+    MlfqConfig,
+    RetentionConfig,
+)
 from mars_ray.policies.admission import AimdAdmission, UnlimitedAdmission
 from mars_ray.policies.base import (
     AdmissionPolicy,
@@ -23,6 +29,7 @@ from mars_ray.policies.base import (
     SchedulerPolicy,
 )
 from mars_ray.policies.baselines import FcfsScheduler, PlasScheduler, ProgramFcfsScheduler
+from mars_ray.policies.migration import KvMigrationRule
 from mars_ray.policies.mlfq import MlfqScheduler
 from mars_ray.policies.placement import KvAffinePlacement, PowerOfTwoPlacement
 from mars_ray.policies.retention import (
@@ -40,6 +47,7 @@ class PolicyConfig(FrozenConfig):
     mlfq: MlfqConfig = Field(default_factory=MlfqConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,15 @@ class PolicySpec:
         if self.aimd_admission:
             return AimdAdmission(config.admission, num_gpus)
         return UnlimitedAdmission()
+
+    def make_migration(
+        self, config: PolicyConfig, kv_bytes_per_token: int
+    ) -> KvMigrationRule | None:
+        """The KV migration rule, or None when this policy's sessions never take their
+        KV along: migration off, or a local router that does not know where KV is."""
+        if not config.migration.enabled or self.placement != "kv-affine":
+            return None
+        return KvMigrationRule(config.migration, kv_bytes_per_token)
 
     def make_placement(self, rng: random.Random) -> PlacementPolicy:
         if self.placement == "power-of-two":

@@ -93,6 +93,13 @@ class ClusterSim:
             for n in range(cluster.num_nodes)
         ]
         self.retention = self.spec.make_retention(policy_config)
+        self.migration = (
+            self.spec.make_migration(policy_config, self.cost.kv_bytes_per_token)
+            if cluster.num_gpus > 1
+            else None
+        )
+        self._num_kv_moves = self._num_kv_moved_blocks = 0
+        self._engine_config = engine
         self.scheduler = ClusterScheduler(self.spec, policy_config, cluster.num_gpus, rng)
         self._tick_s = policy_config.admission.tick_s
         self._sample_period_s = sample_period_s
@@ -248,10 +255,38 @@ class ClusterSim:
             self.sessions[call.session_id].tool_s += tool_s
             previous = self.scheduler.sessions[call.session_id].last_engine_id
             placement = self.scheduler.on_tool_finished(call.session_id, tool_s, self._loads())
-            if previous is not None and previous != placement.engine_id:
-                self.engines[previous].forget(call.session_id)
-            self._start_turn(placement)
+            if previous is None or previous == placement.engine_id:
+                self._start_turn(placement)
+            else:
+                self._move_session(placement, previous)
         self._schedule_pool(pool)
+
+    def _move_session(self, placement: Placement, src: int) -> None:
+        """The next turn was placed away from engine ``src``: its KV follows over the
+        GPU link when the migration rule says that beats recomputing (the turn starts
+        when the copy lands), else the new engine recomputes it."""
+        sid, source = placement.session_id, self.engines[src]
+        num_blocks = source.cached_prefix_blocks(sid) if self.migration is not None else 0
+        source.forget(sid)
+        if self.migration is None or num_blocks == 0:
+            self._start_turn(placement)
+            return
+        dest = self.engines[placement.engine_id]
+        num_tokens = num_blocks * self._engine_config.block_size
+        recompute_s = self.cost.prefill_time_s(
+            num_tokens, chunk_budget=self._engine_config.max_num_batched_tokens
+        )
+        decision = self.migration.decide(num_tokens, source.node_id == dest.node_id, recompute_s)
+        if not decision.move:
+            self._start_turn(placement)
+            return
+        self._push(self.now_s + decision.transfer_s, self._on_kv_arrived, placement, num_blocks)
+
+    def _on_kv_arrived(self, placement: Placement, num_blocks: int) -> None:
+        moved = self.engines[placement.engine_id].adopt_kv(placement.session_id, num_blocks)
+        self._num_kv_moves += 1
+        self._num_kv_moved_blocks += moved
+        self._start_turn(placement)
 
     # -- control and sampling -------------------------------------------------------
     def _signals(self) -> list[ClusterSignals]:
@@ -307,6 +342,8 @@ class ClusterSim:
             mean_tool_queue_wait_s=_safe_div(
                 sum(p.total_delay_s for p in pools), sum(p.num_completed for p in pools)
             ),
+            num_kv_moves=self._num_kv_moves,
+            num_kv_moved_blocks=self._num_kv_moved_blocks,
         )
         return RunResult(
             policy=self.spec.name,

@@ -104,6 +104,13 @@ def test_a_moved_session_brings_its_kv_to_the_other_gpu(http: httpx.Client) -> N
     status = ray.get(scheduler.status.remote())
     assert status["num_kv_moves"] == moves_before + 1
     assert status["num_kv_move_failures"] == 0
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    moved = [s for s in families["mars_kv_migrations"].samples if s.name.endswith("_total")]
+    assert [(s.labels["outcome"], s.value) for s in moved] == [("moved", 1.0)]
+    (blocks,) = [
+        s for s in families["mars_kv_migrated_blocks"].samples if s.name.endswith("_total")
+    ]
+    assert blocks.value == num_blocks
     second = chat(http, words(330), 5, session_id="mover")
     assert second.status_code == 200, second.text
     mars = second.json()["mars"]
