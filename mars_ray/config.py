@@ -100,6 +100,9 @@ class RetentionConfig(FrozenConfig):
     tool_time_ema_alpha: float = Field(0.5, gt=0, le=1)
     continuum_pin_below_s: float = Field(2.0, ge=0, description="pin KV when predicted tool < this")
     continuum_ttl_factor: float = Field(1.5, gt=0, description="TTL = factor * predicted tool time")
+    mars_hold_ttl_factor: float = Field(
+        1.5, gt=0, description="MARS holds KV it keeps for factor * predicted tool time"
+    )
 
 
 class MigrationConfig(FrozenConfig):
@@ -131,6 +134,11 @@ class EngineConfig(FrozenConfig):
     max_num_seqs: int = Field(256, ge=1)
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     enable_prefix_caching: bool = True
+    reserve_full_prompt: bool = Field(
+        True,
+        description="start a waiting request only if free KV holds its whole prompt "
+        "(vLLM 0.29's scheduler_reserve_full_isl, on by default there)",
+    )
     cpu_offload_gb: float = Field(
         0.0, ge=0, description="CPU KV tier size; 0 disables offload (policies then discard)"
     )

@@ -56,7 +56,7 @@ def register_variants() -> list[str]:
         dataclasses.replace(
             continuum,
             name="program-fcfs+mars-retention+admission",
-            make_retention=lambda c: BenefitRetention(),
+            make_retention=lambda c: BenefitRetention(c.retention),
             aimd_admission=True,
         ),
     ]

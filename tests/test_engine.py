@@ -367,8 +367,10 @@ def pressure_setup(
     policy: SchedulerPolicy,
 ) -> tuple[SimEngine, EngineRequest, EngineRequest, float]:
     """40 blocks, 256-token steps. A (200-token prompt, 13 blocks) decodes; B (600 tokens)
-    ran one 255-token chunk (16 blocks): 11 blocks are left, B's next chunk needs 16."""
-    engine = make_engine(policy, num_blocks=40, budget=256)
+    ran one 255-token chunk (16 blocks): 11 blocks are left, B's next chunk needs 16.
+    vLLM's whole-prompt gate is off here, so B starts although it cannot finish: the
+    state a running prefill reaches when others' decodes fill the cache under it."""
+    engine = make_engine(policy, num_blocks=40, budget=256, reserve_full_prompt=False)
     a = make_request("a", 200, 100)
     engine.add_request(a, 0.0)
     plan, _ = step(engine, 0.0)
@@ -432,7 +434,8 @@ def test_waiting_request_waits_instead_of_preempting() -> None:
 
 
 def test_mlfq_shrinks_a_new_request_into_the_free_blocks() -> None:
-    engine = make_engine(MlfqScheduler(MlfqConfig()), num_blocks=20)
+    # Without vLLM's whole-prompt gate (with it, b would wait until it fits whole).
+    engine = make_engine(MlfqScheduler(MlfqConfig()), num_blocks=20, reserve_full_prompt=False)
     a = make_request("a", 250, 40)
     engine.add_request(a, 0.0)
     plan, _ = step(engine, 0.0)
@@ -748,3 +751,55 @@ def test_kv_adopted_from_another_engine_is_a_prefix_hit_there() -> None:
     small = make_engine(num_blocks=8)
     assert small.adopt_kv("t", held) == 8
     small.check_invariants()
+
+
+# --------------------------------------------------------------------------- start gates
+
+
+def test_a_prompt_starts_only_when_it_fits_whole() -> None:
+    """vLLM's gate: b's first chunk would fit in the 4 free blocks, its 100-token
+    prompt (7 blocks) does not, so it waits until a finishes."""
+    engine = make_engine(FcfsScheduler(), num_blocks=20)
+    a = make_request("a", 250, 3)  # 16 blocks
+    engine.add_request(a, 0.0)
+    plan, _ = step(engine, 0.0)
+    b = make_request("b", 100, 5)
+    engine.add_request(b, plan.end_s)
+    plan, _ = step(engine, plan.end_s)
+    assert scheduled(plan) == {"a#0": 1}
+    now_s = plan.end_s
+    while not any(r.request_id == "b#0" for r in engine.running):
+        plan, _ = step(engine, now_s)
+        now_s = plan.end_s
+    assert scheduled(plan)["b#0"] == 100
+    drain(engine, now_s)
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("reserve", [True, False], ids=["mars", "mars-no-reserve"])
+def test_mars_keeps_free_what_running_prefills_still_need(reserve: bool) -> None:
+    """130 blocks, 512-token steps. A (2000-token prompt, 125 blocks) has run one step
+    (32 blocks held); B (160 tokens, 10 blocks) fits whole in the 98 free blocks, but
+    not beside the 93 A still needs: vLLM's gate alone starts B, MARS holds it back
+    until A is done (both cannot hold their KV at once)."""
+    quanta = MlfqConfig(quanta_tokens=(256, 256, 256, 256))
+    policy = MlfqScheduler(quanta, reserve_prefill_kv=reserve)
+    engine = make_engine(policy, num_blocks=130, budget=512)
+    a = make_request("a", 2000, 2)
+    engine.add_request(a, 0.0)
+    plan, _ = step(engine, 0.0)
+    assert a.num_blocks == 32
+    b = make_request("b", 160, 2, arrival_s=plan.end_s)
+    engine.add_request(b, plan.end_s)
+    plan, _ = step(engine, plan.end_s)
+    assert ("b#0" in scheduled(plan)) is not reserve
+    now_s = plan.end_s
+    if reserve:
+        while not a.is_finished:
+            assert "b#0" not in scheduled(plan)
+            plan, _ = step(engine, now_s)
+            now_s = plan.end_s
+        plan, _ = step(engine, now_s)
+        assert "b#0" in scheduled(plan)  # A's blocks are free (cached) again
+    drain(engine, plan.end_s)
+    assert_all_free(engine)

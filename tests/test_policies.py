@@ -273,6 +273,37 @@ def test_continuations_go_before_first_turns_within_a_level() -> None:
     assert [queue.pop() for _ in range(4)] == [cont_c, first_a, first_b, big_cont]
 
 
+def test_within_a_level_older_sessions_go_first_and_younger_ones_are_evicted_first() -> None:
+    """Session age, not turn age, breaks ties: admitted sessions finish in order."""
+    policy = mlfq()
+    old = added(policy, EngineRequest("old", 4, 30.0, 1000, 10, session_arrival_s=0.0))
+    young = added(policy, EngineRequest("young", 1, 20.0, 1000, 10, session_arrival_s=10.0))
+    queue = policy.make_waiting_queue()
+    queue.add(young, 20.0)
+    queue.add(old, 30.0)
+    assert list(queue) == [old, young]
+    assert policy.order_running_prefills([young, old]) == [old, young]
+    assert policy.choose_victim([old, young], 31.0) is young
+
+
+@pytest.mark.parametrize(
+    ("prompt", "session_context", "expected"),
+    [(40000, 38000, 0), (40000, 32000, 1), (40000, 30000, 2), (40000, 0, 3), (3000, 1000, 0)],
+)
+def test_bucket_counts_only_the_turns_own_prefill(
+    prompt: int, session_context: int, expected: int
+) -> None:
+    """A continuation's earlier context is not its remaining prefill, even when it was
+    evicted and must be recomputed (the session is not penalised twice for that)."""
+    policy = mlfq(quanta_tokens=(8192, 8192, 8192, 8192))  # no demotion by quantum here
+    request = added(
+        policy, EngineRequest("s", 3, 0.0, prompt, 10, prior_computed_tokens=session_context)
+    )
+    assert level(request) == expected
+    policy.on_scheduled(request, 2500, 0.0)  # recomputing context keeps the level
+    assert level(request) == expected
+
+
 def test_preempted_request_returns_to_level_zero_at_the_front() -> None:
     policy = mlfq()
     queue = policy.make_waiting_queue()
@@ -564,12 +595,17 @@ def test_admission_order_by_pressure() -> None:
 # --------------------------------------------------------------------------- retention
 
 
-def test_benefit_retention_keeps_kv_when_holding_is_cheaper_than_recompute() -> None:
-    policy = BenefitRetention()
-    # 1 s x 100 / 1000 blocks = 0.1 GPU-s of memory <= 0.5 s of re-prefill.
-    assert policy.on_turn_end(turn_end()).action is RetentionAction.KEEP_LRU
-    # Boundary: 5 s x 0.1 = 0.5 <= 0.5 still keeps.
-    assert policy.on_turn_end(turn_end(predicted_tool_s=5.0)).action is RetentionAction.KEEP_LRU
+def test_benefit_retention_holds_kv_when_holding_is_cheaper_than_recompute() -> None:
+    policy = BenefitRetention(RetentionConfig(mars_hold_ttl_factor=2.0))
+    # 1 s x 100 / 1000 blocks = 0.1 GPU-s of memory <= 0.5 s of re-prefill: held for 2 s.
+    decision = policy.on_turn_end(turn_end())
+    assert decision.action is RetentionAction.PIN and decision.ttl_s == pytest.approx(2.0)
+    # Boundary: 5 s x 0.1 = 0.5 <= 0.5 still holds.
+    decision = policy.on_turn_end(turn_end(predicted_tool_s=5.0))
+    assert decision.action is RetentionAction.PIN and decision.ttl_s == pytest.approx(10.0)
+    # Without holding, kept KV only goes to the protected end of the LRU order.
+    unheld = BenefitRetention(hold=False).on_turn_end(turn_end())
+    assert unheld.action is RetentionAction.KEEP_LRU
 
 
 def test_benefit_retention_long_waits_evict_or_offload() -> None:
@@ -824,6 +860,7 @@ def test_global_scope_spans_all_engines() -> None:
 EXPECTED_POLICIES = {
     "mars",
     "mars-no-admission",
+    "mars-no-reserve",
     "mars-no-shrink",
     "mars-no-unified-eviction",
     "mars-local",

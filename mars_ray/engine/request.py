@@ -34,6 +34,7 @@ class EngineRequest:
         "service_s",
         "service_tokens",
         "session_arrival_s",
+        "session_context_tokens",
         "session_id",
         "session_service_s",
         "session_service_tokens",
@@ -72,6 +73,7 @@ class EngineRequest:
         self.num_output_tokens = 0
         self.block_ids: list[int] = []
         self.high_water_tokens = prior_computed_tokens  # computed before: recompute accounting
+        self.session_context_tokens = min(prior_computed_tokens, prompt_tokens)
         self.session_service_tokens = session_service_tokens
         self.session_service_s = session_service_s
         self.is_last_turn = is_last_turn

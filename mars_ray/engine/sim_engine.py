@@ -289,6 +289,9 @@ class SimEngine:
             request = cast(EngineRequest, waiting.peek())
             if not request.started and not self._take_prefix(request, now_s):
                 return True, budget
+            if self.config.reserve_full_prompt and not self._whole_prompt_fits(request):
+                self._return_prefix(request)
+                return True, budget
             num_tokens = self._fit_chunk(request, self._chunk(request, budget), sched, now_s, False)
             if num_tokens == 0:
                 self._return_prefix(request)
@@ -299,6 +302,18 @@ class SimEngine:
             sched[request] = num_tokens
             budget -= num_tokens
         return False, budget
+
+    def _whole_prompt_fits(self, request: EngineRequest) -> bool:
+        """vLLM's admission gate for waiting and preempted requests: free KV covers the
+        whole prompt, not just its first chunk. A policy that ``reserves_prefill_kv``
+        also keeps free what the running prefills still need to finish, so a newcomer
+        never takes the blocks a started prefill is about to fill."""
+        need = self._blocks_for(request.num_tokens) - len(request.block_ids)
+        if self.policy.reserves_prefill_kv:
+            for running in self.running:
+                if running.num_tokens - running.num_computed_tokens > 1:
+                    need += max(0, self._blocks_for(running.num_tokens) - running.num_blocks)
+        return self.pool.can_allocate(need)
 
     def _hand_out_leftover(self, sched: dict[EngineRequest, int], budget: int) -> None:
         """Work conservation: budget the quanta left unused goes to capped prefills."""

@@ -43,6 +43,9 @@ class SchedulableRequest(Protocol):
     @property
     def session_arrival_s(self) -> float: ...  # when the session arrived in the system
     @property
+    def session_context_tokens(self) -> int: ...  # of the prompt: the session's earlier
+    # turns, already computed once (0 for a first turn); the rest is the turn's own
+    @property
     def num_prompt_tokens(self) -> int: ...
     @property
     def num_tokens(self) -> int: ...  # prompt + generated so far: what the KV must cover
@@ -113,8 +116,11 @@ class SchedulerPolicy(ABC):
        queue order, each prefill chunk capped by :meth:`chunk_quantum_tokens`.
        Budget left over afterwards is handed out again in the same order without
        the cap (work conservation: a request alone is never slowed by quanta).
-    2. When KV allocation fails for a prefill chunk and :attr:`shrink_chunks` is
-       set, the engine halves the chunk down to one block before preempting.
+    2. A waiting request starts only if free KV holds its whole prompt (vLLM's
+       admission gate) and, when :attr:`reserves_prefill_kv` is set, also what the
+       running prefills still need to finish. When KV allocation fails for a
+       running prefill's chunk and :attr:`shrink_chunks` is set, the engine halves
+       the chunk down to one block before preempting.
     3. Otherwise it preempts :meth:`choose_victim` among the running requests
        (the largest :meth:`victim_rank`), calls :meth:`on_preempted` and re-queues
        the victim with ``prepend``.
@@ -123,6 +129,9 @@ class SchedulerPolicy(ABC):
 
     #: halve prefill chunks on allocation failure before preempting anyone
     shrink_chunks: bool = False
+    #: start a waiting request only if the KV the running prefills still need to
+    #: finish stays free as well (not only its own prompt, vLLM's gate)
+    reserves_prefill_kv: bool = False
     #: :meth:`victim_rank` is not the default newest-first order. An engine whose own
     #: preemption already takes the newest running request (vLLM's) need only apply
     #: the rank when this is set.

@@ -93,23 +93,27 @@ def _add(spec: PolicySpec) -> None:
     POLICIES.add(spec.name, spec)
 
 
-def _mars(shrink: bool = True, unified: bool = True) -> Callable[[PolicyConfig], SchedulerPolicy]:
-    return lambda c: MlfqScheduler(c.mlfq, shrink_chunks=shrink, unified_eviction=unified)
+def _mars(
+    shrink: bool = True, unified: bool = True, reserve: bool = True
+) -> Callable[[PolicyConfig], SchedulerPolicy]:
+    return lambda c: MlfqScheduler(
+        c.mlfq, shrink_chunks=shrink, unified_eviction=unified, reserve_prefill_kv=reserve
+    )
 
 
 def _lru(_: PolicyConfig) -> RetentionPolicy:
     return LruRetention()
 
 
-def _benefit(_: PolicyConfig) -> RetentionPolicy:
-    return BenefitRetention()
+def _benefit(c: PolicyConfig) -> RetentionPolicy:
+    return BenefitRetention(c.retention)
 
 
 _add(
     PolicySpec(
         "mars",
-        "MARS: AIMD admission, MLFQ = eviction order, KV retention by "
-        "benefit, chunk shrinking, global view",
+        "MARS: AIMD admission, MLFQ = eviction order, KV held by benefit, "
+        "chunk shrinking, KV reserved for running prefills, global view",
         _mars(),
         _benefit,
         aimd_admission=True,
@@ -131,6 +135,15 @@ _add(
         "MARS with vLLM's victim and LRU retention",
         _mars(unified=False),
         _lru,
+        aimd_admission=True,
+    )
+)
+_add(
+    PolicySpec(
+        "mars-no-reserve",
+        "MARS starting prefills on vLLM's gate alone (no KV reserved for running prefills)",
+        _mars(reserve=False),
+        _benefit,
         aimd_admission=True,
     )
 )

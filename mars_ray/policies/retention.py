@@ -23,16 +23,30 @@ class BenefitRetention(RetentionPolicy):
 
     Holding ``b`` of ``B`` blocks for the predicted tool time ``t`` costs about
     ``t * b / B`` GPU-seconds of memory; evicting costs ``recompute_s`` GPU-seconds
-    of re-prefill (or ``reload_s`` from the CPU tier). Sessions worth keeping go to
-    the protected end of the eviction order, the rest to the evict-first end, or
-    to CPU memory when reloading beats recomputing.
+    of re-prefill (or ``reload_s`` from the CPU tier). The KV of a session worth
+    keeping is held through its tool call (pinned for ``hold_ttl_factor * t``,
+    then it joins the protected end of the LRU order): priority order is the
+    eviction order, and an admitted session's continuation outranks the new work
+    that would otherwise take its blocks. The rest go to the evict-first end, or to
+    CPU memory when reloading beats recomputing.
+
+    Holding only at the protected end of the free queue (``hold=False``) was
+    measured and lost: vLLM counts those blocks as free, so newcomers are started
+    on them and returning sessions re-prefill (docs/results.md).
     """
+
+    def __init__(self, config: RetentionConfig | None = None, *, hold: bool = True) -> None:
+        self._ttl_factor = (config or RetentionConfig()).mars_hold_ttl_factor
+        self._hold = hold
 
     def on_turn_end(self, ctx: TurnEndContext) -> RetentionDecision:
         if ctx.is_last_turn:
             return RetentionDecision(RetentionAction.EVICT_FIRST, reason="session done")
         hold_cost_s = ctx.predicted_tool_s * ctx.num_blocks / max(1, ctx.num_total_blocks)
         if hold_cost_s <= ctx.recompute_s:
+            ttl_s = self._ttl_factor * ctx.predicted_tool_s
+            if self._hold and ttl_s > 0:
+                return RetentionDecision(RetentionAction.PIN, ttl_s=ttl_s, reason="back soon")
             return RetentionDecision(RetentionAction.KEEP_LRU, reason="back soon")
         if ctx.can_offload and ctx.reload_s < ctx.recompute_s:
             return RetentionDecision(RetentionAction.OFFLOAD, reason="long wait, reload cheaper")

@@ -55,6 +55,8 @@ class RequestView:
         "num_rewound_tokens",
         "policy_state",
         "request",
+        "session_arrival_s",
+        "session_context_tokens",
         "session_service_s",
         "session_service_tokens",
     )
@@ -66,8 +68,16 @@ class RequestView:
         hinted: bool,
         block_size: int,
         session_service_tokens: int,
+        session_arrival_s: float | None = None,
+        session_context_tokens: int = 0,
     ) -> None:
         self.request = request
+        # What this engine saw of the session: when its first turn arrived here and
+        # how much of its context earlier turns computed here (0: unknown).
+        self.session_arrival_s = (
+            request.arrival_time if session_arrival_s is None else session_arrival_s
+        )
+        self.session_context_tokens = min(session_context_tokens, request.num_prompt_tokens)
         self.hints = hints
         self.hinted = hinted  # False: no (valid) hints, a plain one-turn request
         self.block_size = block_size
@@ -94,10 +104,6 @@ class RequestView:
 
     @property
     def arrival_s(self) -> float:
-        return self.request.arrival_time
-
-    @property
-    def session_arrival_s(self) -> float:
         return self.request.arrival_time
 
     @property

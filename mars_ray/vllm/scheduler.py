@@ -95,6 +95,7 @@ class MarsFeatures:
     shrink_chunks: bool = True  # halve chunks before preempting (if the policy shrinks)
     retention: bool = True  # order freed blocks by the retention decision
     work_conserving: bool = True  # budget the quanta leave unused goes to capped prefills
+    prefill_reservation: bool = True  # a newcomer leaves free what running prefills need
 
     @classmethod
     def off(cls) -> MarsFeatures:
@@ -169,6 +170,9 @@ class MarsScheduler(AsyncScheduler):
         self._cost = CostModel.from_names(self.settings.gpu, self.settings.model)
         self._views: dict[str, RequestView] = {}
         self._session_service_tokens: dict[str, int] = {}
+        # per session until its last turn: first arrival here, context computed so far
+        self._session_arrival_s: dict[str, float] = {}
+        self._session_context_tokens: dict[str, int] = {}
         self._init_features()
         if not validation.is_registered(self.vllm_config.model_config.logits_processors):
             logger.info(
@@ -189,6 +193,9 @@ class MarsScheduler(AsyncScheduler):
         single_group = len(self.kv_cache_config.kv_cache_groups) == 1
         self._shrink_chunks = features.shrink_chunks and policy.shrink_chunks and single_group
         self._retention = features.retention
+        self._reserve_prefills = (
+            features.prefill_reservation and policy.reserves_prefill_kv and single_group
+        )
         if features.policy_queue:
             if self.policy != SchedulingPolicy.FCFS:
                 raise ConfigError(
@@ -215,7 +222,17 @@ class MarsScheduler(AsyncScheduler):
         served = self._session_service_tokens.get(hints.session_id, 0)
         if hints.service_tokens is not None:  # a global scheduler counted every GPU's share
             served = self._session_service_tokens[hints.session_id] = hints.service_tokens
-        view = RequestView(request, hints, hinted, self.block_size, served)
+        session = hints.session_id
+        arrival_s = self._session_arrival_s.setdefault(session, request.arrival_time)
+        view = RequestView(
+            request,
+            hints,
+            hinted,
+            self.block_size,
+            served,
+            session_arrival_s=arrival_s,
+            session_context_tokens=self._session_context_tokens.get(session, 0),
+        )
         self._views[request.request_id] = view
         self.policy_core.on_added(view, self._now_s())
 
@@ -257,10 +274,17 @@ class MarsScheduler(AsyncScheduler):
     def _reserve_prefill_lookahead(
         self, request: Request, num_computed_tokens: int, num_new_tokens: int
     ) -> int:
-        """vLLM's last trim of a chunk before ``allocate_slots``: quanta, then shrinking."""
+        """vLLM's last trim of a chunk before ``allocate_slots``: a newcomer's start
+        gate (0: it cannot start, the head of the queue waits), quanta, shrinking."""
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens
         )
+        if (
+            self._reserve_prefills
+            and request.status != RequestStatus.RUNNING
+            and not self._fits_beside_running_prefills(request, num_computed_tokens)
+        ):
+            return 0
         if num_new_tokens <= 1:
             return num_new_tokens
         view = self._views.get(request.request_id)
@@ -271,6 +295,19 @@ class MarsScheduler(AsyncScheduler):
         if self._shrink_chunks and request.status == RequestStatus.RUNNING:
             num_new_tokens = self._shrink_to_fit(request, num_computed_tokens, num_new_tokens)
         return num_new_tokens
+
+    def _fits_beside_running_prefills(self, request: Request, num_computed_tokens: int) -> bool:
+        """Free blocks cover the newcomer's whole prompt and what the running prefills
+        still need to finish (vLLM's own gate checks the prompt alone)."""
+        manager = self.kv_cache_manager
+        block_size = self.block_size
+        need = -(-request.num_tokens // block_size) - num_computed_tokens // block_size
+        for running in self.running:
+            left = running.num_tokens - running.num_computed_tokens
+            if left > 1:  # still prefilling
+                held = len(manager.get_block_ids(running.request_id)[0])
+                need += max(0, -(-running.num_tokens // block_size) - held)
+        return need <= manager.block_pool.get_num_free_blocks()
 
     def _take_spare_tokens(self, wanted: int) -> int:
         """Up to ``wanted`` tokens of the budget this pass's quanta leave unused."""
@@ -366,8 +403,15 @@ class MarsScheduler(AsyncScheduler):
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         result = super()._free_request(request, delay_free_blocks=delay_free_blocks)
         view = self._views.pop(request.request_id, None)
-        if view is not None and view.hints.last_turn:
-            self._session_service_tokens.pop(view.session_id, None)
+        if view is None:
+            return result
+        session = view.session_id
+        if view.hints.last_turn:
+            self._session_service_tokens.pop(session, None)
+            self._session_arrival_s.pop(session, None)
+            self._session_context_tokens.pop(session, None)
+        elif request.is_finished():
+            self._session_context_tokens[session] = request.num_computed_tokens
         return result
 
     def _free_request_blocks(self, request: Request) -> None:

@@ -73,6 +73,11 @@ def test_service_from_other_gpus_sets_the_autellix_level(tiny_model_dir: Path) -
     assert [new.req_id for new in step(local).scheduled_new_reqs] == ["served"]
 
 
+#: the pressure mix needs the decoder to start beside the long prefill, which MARS's
+#: start gate would prevent (test_a_newcomer_waits_while_running_prefills_need_its_blocks)
+NO_RESERVATION = MarsFeatures(prefill_reservation=False)
+
+
 def _pressure_mix(sched: AsyncScheduler) -> None:
     """A long prefill (219 blocks) starts alone; then a decoder (13 blocks and
     growing) joins: together they overflow the 229 usable blocks."""
@@ -93,7 +98,10 @@ def test_victim_is_the_lowest_mars_priority(tiny_model_dir: Path) -> None:
     """Stock vLLM preempts the last-admitted request (the decoder); MARS the prefill."""
     kwargs = dict(num_blocks=230, max_model_len=4096, long_prefill_token_threshold=128)
     mars = make_scheduler(
-        MarsScheduler, tiny_model_dir, features=MarsFeatures(shrink_chunks=False), **kwargs
+        MarsScheduler,
+        tiny_model_dir,
+        features=MarsFeatures(shrink_chunks=False, prefill_reservation=False),
+        **kwargs,
     )
     stock = make_scheduler(AsyncScheduler, tiny_model_dir, **kwargs)
     _pressure_mix(mars)
@@ -143,9 +151,12 @@ def test_running_list_ends_with_the_policys_victim(tiny_model_dir: Path, policy:
 
 def test_chunks_shrink_before_anyone_is_preempted(tiny_model_dir: Path) -> None:
     kwargs = dict(num_blocks=230, max_model_len=4096, long_prefill_token_threshold=128)
-    shrinking = make_scheduler(MarsScheduler, tiny_model_dir, **kwargs)
+    shrinking = make_scheduler(MarsScheduler, tiny_model_dir, features=NO_RESERVATION, **kwargs)
     plain = make_scheduler(
-        MarsScheduler, tiny_model_dir, features=MarsFeatures(shrink_chunks=False), **kwargs
+        MarsScheduler,
+        tiny_model_dir,
+        features=MarsFeatures(shrink_chunks=False, prefill_reservation=False),
+        **kwargs,
     )
     _pressure_mix(shrinking)
     _pressure_mix(plain)
@@ -159,6 +170,30 @@ def test_chunks_shrink_before_anyone_is_preempted(tiny_model_dir: Path) -> None:
     assert num_preempted > 0
     assert_no_leak(shrinking)
     assert_no_leak(plain)
+
+
+def test_a_newcomer_waits_while_running_prefills_need_its_blocks(tiny_model_dir: Path) -> None:
+    """L (3500 tokens, 219 blocks) prefills 128 tokens a step; N (200 tokens, 13 blocks)
+    fits in the free blocks alone (vLLM's gate) but not beside the 211 L still needs:
+    MARS starts it only once L no longer needs them, and nobody is preempted."""
+    kwargs = dict(num_blocks=230, max_model_len=4096, long_prefill_token_threshold=128)
+    reserving = make_scheduler(MarsScheduler, tiny_model_dir, **kwargs)
+    gate_only = make_scheduler(
+        MarsScheduler, tiny_model_dir, features=MarsFeatures(prefill_reservation=False), **kwargs
+    )
+    started = {}
+    for name, sched in (("reserving", reserving), ("gate_only", gate_only)):
+        sched.add_request(make_request("L", 3500, 2, arrival_s=0.0, hints=_hints("sL")))
+        step(sched)
+        sched.add_request(make_request("N", 200, 2, arrival_s=1.0, hints=_hints("sN")))
+        started[name] = [new.req_id for new in step(sched).scheduled_new_reqs]
+    assert started == {"reserving": [], "gate_only": ["N"]}
+    outputs = run_to_completion(reserving)
+    assert not any(so.preempted_req_ids for so in outputs)
+    assert any(new.req_id == "N" for so in outputs for new in so.scheduled_new_reqs)
+    run_to_completion(gate_only)
+    assert_no_leak(reserving)
+    assert_no_leak(gate_only)
 
 
 def _run_tool_pause(sched: AsyncScheduler) -> tuple[int, int]:
