@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mars_ray.config import ClusterConfig, EngineConfig, FrozenConfig, validated
+from mars_ray.engine.ideal import isolated_turn_s
 from mars_ray.errors import ConfigError, MarsError
 from mars_ray.metrics import DEFAULT_ALPHA, GOODPUT_ALPHAS, alpha_key, json_safe, summarize_run
 from mars_ray.results import RunResult
@@ -199,11 +200,14 @@ def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = Non
 
 
 class SaturationEstimate(NamedTuple):
-    """How many sessions/s a cluster can sustain, from GPU and CPU work per session.
+    """How many sessions/s a cluster can sustain, from GPU, CPU and KV needs per session.
 
     Approximate by construction: it assumes warm continuations (no re-prefill after
     eviction), steady full batches and perfect packing of work onto GPUs and cores.
-    Contention makes the real knee lower; the estimate only puts loads on a scale.
+    Warm continuations need each session's KV to stay on the GPU through its tool
+    calls, so the KV cache bounds the rate too (Little's law: sessions/s x
+    KV-token-seconds per session <= KV tokens). Contention makes the real knee
+    lower; the estimate only puts loads on a scale.
     """
 
     prefill_s_per_session: float  # GPU-seconds
@@ -212,15 +216,19 @@ class SaturationEstimate(NamedTuple):
     tool_cpu_s_per_session: float  # core-seconds
     gpu_rate_per_s: float  # sessions/s the GPUs sustain
     cpu_rate_per_s: float  # sessions/s the tool cores sustain (inf without CPU work)
+    kv_token_s_per_session: float = 0.0  # KV tokens held x seconds, uncontended
+    kv_rate_per_s: float = math.inf  # sessions/s whose KV the GPUs hold warm
 
     @property
     def rate_per_s(self) -> float:
-        """The binding limit: the smaller of the GPU and CPU rates."""
-        return min(self.gpu_rate_per_s, self.cpu_rate_per_s)
+        """The binding limit: the smallest of the GPU, CPU and KV rates."""
+        return min(self.gpu_rate_per_s, self.cpu_rate_per_s, self.kv_rate_per_s)
 
     @property
     def bottleneck(self) -> str:
-        return "GPU" if self.gpu_rate_per_s <= self.cpu_rate_per_s else "CPU"
+        limits = {"GPU": self.gpu_rate_per_s, "CPU": self.cpu_rate_per_s}
+        limits["KV"] = self.kv_rate_per_s
+        return min(limits, key=lambda name: limits[name])
 
 
 def kv_capacity_tokens(cost_model: CostModel, engine: EngineConfig) -> int:
@@ -275,14 +283,16 @@ def estimate_saturation(
     cluster: ClusterConfig,
     engine_config: EngineConfig,
 ) -> SaturationEstimate:
-    """Sessions/s the cluster sustains with GPUs (or tool cores) always busy.
+    """Sessions/s the cluster sustains with GPUs, tool cores or KV cache always full.
 
     Each session's GPU work is costed from the cost model, turn by turn: prefill of
     its new tokens on warm context in full ``max_num_batched_tokens`` chunks, decode
     at the batch where the KV cache is full at the mean decode context (capped at
     ``max_num_seqs``). ``num_gpus / mean GPU-seconds`` is the GPU rate;
-    ``cores / mean tool CPU-seconds`` the CPU rate; the estimate is the smaller.
-    See :class:`SaturationEstimate` for what it leaves out.
+    ``cores / mean tool CPU-seconds`` the CPU rate; ``num_gpus x KV tokens / mean
+    KV-token-seconds`` the KV rate (each turn holds its context for its isolated
+    time and the tool call after it); the estimate is the smallest. See
+    :class:`SaturationEstimate` for what it leaves out.
     """
     if not sessions:
         raise ConfigError("cannot estimate a saturation rate without sessions")
@@ -302,6 +312,7 @@ def estimate_saturation(
     gpu_s = (prefill_s + decode_s) / n
     cpu_s = sum(t.tool_cpu_s for s in sessions for t in s.turns) / n
     cores = cluster.cpu_cores_per_gpu * cluster.num_gpus
+    kv_token_s = sum(_kv_token_s(cost_model, engine_config, s) for s in sessions) / n
     return SaturationEstimate(
         prefill_s_per_session=prefill_s / n,
         decode_s_per_session=decode_s / n,
@@ -309,7 +320,24 @@ def estimate_saturation(
         tool_cpu_s_per_session=cpu_s,
         gpu_rate_per_s=cluster.num_gpus / gpu_s,
         cpu_rate_per_s=cores / cpu_s if cpu_s > 0 else math.inf,
+        kv_token_s_per_session=kv_token_s,
+        kv_rate_per_s=cluster.num_gpus * kv_tokens / kv_token_s if kv_token_s > 0 else math.inf,
     )
+
+
+def _kv_token_s(cost_model: CostModel, engine: EngineConfig, session: SessionSpec) -> float:
+    """KV tokens x seconds a session holds when it runs alone and its KV stays warm:
+    each turn holds its context (half its output on average) for its isolated time,
+    then all of it through the tool call that follows."""
+    total = 0.0
+    computed = 0
+    for index, turn in enumerate(session.turns):
+        prompt = session.prompt_tokens(index)
+        turn_s = isolated_turn_s(cost_model, engine, computed, prompt, turn.output_tokens)
+        total += (prompt + turn.output_tokens / 2) * turn_s
+        total += (prompt + turn.output_tokens) * turn.tool_s
+        computed = prompt + turn.output_tokens - 1
+    return total
 
 
 def estimate_saturation_rate_per_s(
@@ -334,7 +362,9 @@ def describe_saturation(estimate: SaturationEstimate) -> str:
         f"({estimate.rate_per_s * 60:.3g}/min, {estimate.bottleneck}-bound; GPU "
         f"{estimate.gpu_rate_per_s:.4g}/s from {estimate.prefill_s_per_session:.2f} s prefill + "
         f"{estimate.decode_s_per_session:.2f} s decode per session at batch "
-        f"{estimate.decode_batch}; {cpu}) - approximate: warm KV, full batches, no contention"
+        f"{estimate.decode_batch}; {cpu}; KV {estimate.kv_rate_per_s:.4g}/s "
+        f"({estimate.kv_token_s_per_session / 1e6:.3g}M token-s)) - approximate: warm KV, "
+        "full batches, no contention"
     )
 
 

@@ -18,6 +18,7 @@ from mars_ray.bench import (
     BenchConfig,
     estimate_saturation,
     estimate_saturation_rate_per_s,
+    kv_capacity_tokens,
     rerun_command,
 )
 from mars_ray.config import ClusterConfig, EngineConfig, validated
@@ -148,6 +149,23 @@ def test_saturation_is_cpu_bound_when_tools_burn_cores() -> None:
 
     assert estimate.bottleneck == "CPU"
     assert estimate.rate_per_s == pytest.approx(2 / 540)
+
+
+def test_saturation_is_kv_bound_when_sessions_hold_big_contexts_through_long_waits() -> None:
+    """Little's law on the KV cache: a session holding ~20k tokens through ten
+    100-second waits needs 2e7 token-seconds; one GPU holds ``kv`` tokens, so at
+    most ``kv / 2e7`` such sessions per second keep their KV warm."""
+    cost_model = CostModel.from_names("h100-80gb", "llama-3.1-8b")
+    engine = validated(EngineConfig)
+    turns = [Turn(2000, 10, 0.0, 100.0) for _ in range(10)]
+    sessions = [SessionSpec("s", 0.0, (*turns, Turn(10, 10)))]
+    estimate = estimate_saturation(sessions, cost_model, validated(ClusterConfig), engine)
+    assert estimate.bottleneck == "KV"
+    waits = sum((i + 1) * 2010 * 100.0 for i in range(10))  # context x wait, turn by turn
+    assert waits < estimate.kv_token_s_per_session < waits * 1.01  # plus the turns' own time
+    kv_tokens = kv_capacity_tokens(cost_model, engine)
+    assert estimate.rate_per_s == pytest.approx(kv_tokens / estimate.kv_token_s_per_session)
+    assert estimate.kv_rate_per_s < estimate.gpu_rate_per_s
 
 
 def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
