@@ -34,8 +34,22 @@ unchanged; MARS acts through five narrow overrides:
    policy (the turn's hints say whether it is the session's last); sessions the
    policy does not expect back soon (MARS: also those on their last turn) have
    their freed blocks moved to the evict-first end of vLLM's free-block queue.
-   ``PIN`` is treated as ``KEEP_LRU`` and ``OFFLOAD`` as ``EVICT_FIRST`` (no CPU
-   tier is wired through a KV connector yet).
+   ``PIN`` (MARS's ``BenefitRetention`` for sessions worth keeping, Continuum's
+   ``TtlPinRetention``, InferCept's preserve) holds the turn's cached blocks as the
+   simulator does: they keep the reference the finished request had, so they stay
+   out of the free queue (unevictable: newcomers wait, running requests are
+   preempted instead) and registered in the prefix cache. The pin ends - its
+   blocks freed to the LRU (protected) end of the free queue, still cached - at the
+   first pass after its TTL on the policy clock, at the end of the pass that
+   schedules the session's next turn (whose prefix hit has referenced the blocks by
+   then, so they stay with it), when another turn of the session finishes (an
+   abort included), or on ``reset_prefix_cache``.
+   Blocks without a hash (the partial last block) are freed at once; a last turn,
+   a deferred free or several KV cache groups pin nothing (``KEEP_LRU``). An idle
+   engine runs no passes, so a pin can outlive its TTL until the next request
+   arrives (its blocks are released before that request is scheduled).
+   ``OFFLOAD`` is ``EVICT_FIRST`` here (``mars_ray.vllm.offload`` stores the blocks
+   in the CPU tier through vLLM's OffloadingConnector).
 
 Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``):
 
@@ -52,12 +66,17 @@ Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``)
 * ``Scheduler._free_request(request, delay_free_blocks=False)``,
   ``Scheduler._free_request_blocks(request)``;
 * ``KVCacheManager.block_pool``, ``KVCacheManager.pop_blocks_for_free``,
-  ``BlockPool.free_block_queue`` (``remove``, ``prepend_n``), ``KVCacheBlock``
-  ``ref_cnt`` / ``block_hash`` / ``is_null``.
+  ``BlockPool.free_block_queue`` (``remove``, ``prepend_n``), ``BlockPool.free_blocks``
+  (releases a pin: one reference per block, cached blocks to the LRU end),
+  ``KVCacheBlock`` ``ref_cnt`` / ``block_hash`` / ``is_null``; a block with
+  ``ref_cnt >= 1`` is never evicted and keeps its hash (pins rely on it);
+* ``Scheduler.reset_prefix_cache(reset_running_requests, reset_connector)``;
+  ``SchedulerOutput.scheduled_new_reqs``, ``CachedRequestData.resumed_req_ids``.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections import Counter
@@ -74,7 +93,12 @@ from vllm.v1.request import Request, RequestStatus
 from mars_ray.clock import Clock, WallClock
 from mars_ray.engine.costmodel import CostModel
 from mars_ray.errors import ConfigError
-from mars_ray.policies.base import RetentionAction, SchedulerPolicy, TurnEndContext
+from mars_ray.policies.base import (
+    RetentionAction,
+    RetentionDecision,
+    SchedulerPolicy,
+    TurnEndContext,
+)
 from mars_ray.policies.registry import PolicyConfig, get_policy
 from mars_ray.vllm import validation
 from mars_ray.vllm.adapter import PolicyRequestQueue, RequestView, hints_of
@@ -93,7 +117,7 @@ class MarsFeatures:
     victim_order: bool = True  # preempt in the policy's victim_rank order
     chunk_quanta: bool = True  # cap prefill chunks by the policy's quantum under contention
     shrink_chunks: bool = True  # halve chunks before preempting (if the policy shrinks)
-    retention: bool = True  # order freed blocks by the retention decision
+    retention: bool = True  # retention decisions: evict-first order, pins
     work_conserving: bool = True  # budget the quanta leave unused goes to capped prefills
     prefill_reservation: bool = True  # a newcomer leaves free what running prefills need
 
@@ -182,6 +206,13 @@ class MarsScheduler(AsyncScheduler):
             )
         self.num_shrunk_chunks = 0
         self.retention_actions: Counter[RetentionAction] = Counter()
+        # PIN: per session, the cached blocks of its last finished turn, held with one
+        # reference each; expiries on the policy clock (stale entries skipped)
+        self._pins: dict[str, _Pin] = {}
+        self._pin_expiries: list[tuple[float, str]] = []
+        self._num_pinned_blocks = 0
+        self.num_expired_pins = 0  # released by their TTL
+        self.num_resumed_pins = 0  # released once the session's next turn was scheduled
 
     def _init_features(self) -> None:
         features, policy = self.settings.features, self.policy_core
@@ -193,6 +224,8 @@ class MarsScheduler(AsyncScheduler):
         single_group = len(self.kv_cache_config.kv_cache_groups) == 1
         self._shrink_chunks = features.shrink_chunks and policy.shrink_chunks and single_group
         self._retention = features.retention
+        # a pin holds the first (only) group's blocks, as the shrinking code assumes
+        self._pins_supported = single_group
         self._reserve_prefills = (
             features.prefill_reservation and policy.reserves_prefill_kv and single_group
         )
@@ -241,11 +274,15 @@ class MarsScheduler(AsyncScheduler):
         self._prepare_pass()
         output = super().schedule(throttle_prefills)
         self._feed_back(output)
+        if self._pins:
+            self._release_resumed_pins(output)
         return output
 
     def _prepare_pass(self) -> None:
-        """Aging in the waiting queues; the policy's victim last in ``running``,
-        where vLLM's preemption pops it."""
+        """Expired pins back to the free queue; aging in the waiting queues; the
+        policy's victim last in ``running``, where vLLM's preemption pops it."""
+        if self._pin_expiries:
+            self._expire_pins(self._now_s())
         for queue in (self.waiting, self.skipped_waiting):
             if isinstance(queue, PolicyRequestQueue):
                 queue.refresh()
@@ -401,6 +438,11 @@ class MarsScheduler(AsyncScheduler):
     def _free_request(
         self, request: Request, delay_free_blocks: bool = False
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        view = self._views.get(request.request_id)
+        if view is not None and self._pins:
+            # Another turn of the session ends (scheduled, or aborted while waiting):
+            # an earlier turn's pin is of no more use (this turn may pin anew, below).
+            self._unpin(view.session_id)
         result = super()._free_request(request, delay_free_blocks=delay_free_blocks)
         view = self._views.pop(request.request_id, None)
         if view is None:
@@ -416,10 +458,14 @@ class MarsScheduler(AsyncScheduler):
 
     def _free_request_blocks(self, request: Request) -> None:
         if request.is_finished() and self._frees_now(request):
-            action = self.retention_action(request)
+            decision = self.retention_decision(request)
+            action = decision.action
             self.retention_actions[action] += 1
             if action is RetentionAction.EVICT_FIRST:
                 self._free_evict_first(request)
+                return
+            if action is RetentionAction.PIN:
+                self._pin_request_blocks(request, decision.ttl_s)
                 return
         super()._free_request_blocks(request)
 
@@ -430,18 +476,28 @@ class MarsScheduler(AsyncScheduler):
         return not self.defer_block_free or request.last_sched_seq <= self.processed_step_seq
 
     def retention_action(self, request: Request) -> RetentionAction:
-        """Where a finished turn's blocks go: ``KEEP_LRU`` or ``EVICT_FIRST``."""
+        """Where a finished turn's blocks go: ``KEEP_LRU``, ``EVICT_FIRST`` or ``PIN``."""
+        return self.retention_decision(request).action
+
+    def retention_decision(self, request: Request) -> RetentionDecision:
+        """The retention policy's decision for a finished turn, as this adapter
+        carries it out: ``OFFLOAD`` becomes ``EVICT_FIRST``; ``PIN`` stays ``PIN``
+        (with its TTL) unless nothing would come back for the blocks - a last turn,
+        a TTL that is not positive, several KV cache groups - then ``KEEP_LRU``."""
         view = self._views.get(request.request_id)
         if view is None or not self._retention or not view.hinted:
-            return RetentionAction.KEEP_LRU  # a plain request: vLLM's LRU prefix cache
+            # a plain request: vLLM's LRU prefix cache
+            return RetentionDecision(RetentionAction.KEEP_LRU, reason="vllm lru")
         # A last turn goes to the policy too (is_last_turn): MARS evicts it first,
         # vLLM's own LRU (fcfs) keeps it in the LRU order, as in the simulator.
         decision = self.retention_policy.on_turn_end(self._turn_end_context(view))
         if decision.action is RetentionAction.OFFLOAD:
-            return RetentionAction.EVICT_FIRST
-        if decision.action is RetentionAction.PIN:
-            return RetentionAction.KEEP_LRU
-        return decision.action
+            return RetentionDecision(RetentionAction.EVICT_FIRST, reason=decision.reason)
+        if decision.action is RetentionAction.PIN and not (
+            decision.ttl_s > 0 and self._pins_supported and not view.hints.last_turn
+        ):
+            return RetentionDecision(RetentionAction.KEEP_LRU, reason=decision.reason)
+        return decision
 
     def _turn_end_context(self, view: RequestView) -> TurnEndContext:
         pool = self.kv_cache_manager.block_pool
@@ -471,6 +527,83 @@ class MarsScheduler(AsyncScheduler):
             pool.free_block_queue.remove(block)
         pool.free_block_queue.prepend_n(freed)
 
+    # -- turn end: pins ----------------------------------------------------------
+    def _pin_request_blocks(self, request: Request, ttl_s: float) -> None:
+        """Hold the finished turn's cached blocks for ``ttl_s`` on the policy clock.
+
+        The request's reference on each cached block passes to the pin, so the blocks
+        stay out of the free queue (unevictable) and in the prefix cache by hash; the
+        rest (the partial last block, null blocks) is freed as vLLM frees it.
+        """
+        session = self._views[request.request_id].session_id  # hinted: it has a view
+        blocks = self.kv_cache_manager.pop_blocks_for_free(request)
+        held = [b for b in blocks if not b.is_null and b.block_hash is not None]
+        rest = [b for b in blocks if b.is_null or b.block_hash is None]
+        self.kv_cache_manager.block_pool.free_blocks(reversed(rest))
+        self._unpin(session)
+        if not held:
+            return
+        expires_s = self._now_s() + ttl_s
+        self._pins[session] = _Pin(held, expires_s)
+        self._num_pinned_blocks += len(held)
+        heapq.heappush(self._pin_expiries, (expires_s, session))
+
+    def _unpin(self, session_id: str) -> bool:
+        """Release the session's pin, if any: its blocks join the LRU end of the free
+        queue (those a running request references meanwhile stay with it)."""
+        pin = self._pins.pop(session_id, None)
+        if pin is None:
+            return False
+        self._num_pinned_blocks -= len(pin.blocks)
+        # tail first, as vLLM frees: within the pin, the tail is evicted first
+        self.kv_cache_manager.block_pool.free_blocks(reversed(pin.blocks))
+        if not self._pins:
+            self._pin_expiries.clear()
+        return True
+
+    def _expire_pins(self, now_s: float) -> None:
+        expiries = self._pin_expiries
+        while expiries and expiries[0][0] <= now_s:
+            expires_s, session = heapq.heappop(expiries)
+            pin = self._pins.get(session)
+            if pin is not None and pin.expires_s == expires_s and self._unpin(session):
+                self.num_expired_pins += 1
+
+    def _release_resumed_pins(self, output: SchedulerOutput) -> None:
+        """A session whose next turn was (re)admitted in this pass no longer needs its
+        pin: vLLM's prefix hit has referenced the pinned blocks already, so releasing
+        them leaves them with that request, out of the free queue."""
+        req_ids = [new.req_id for new in output.scheduled_new_reqs]
+        req_ids.extend(output.scheduled_cached_reqs.resumed_req_ids)
+        for req_id in req_ids:
+            view = self._views.get(req_id)
+            if view is not None and self._unpin(view.session_id):
+                self.num_resumed_pins += 1
+                if not self._pins:
+                    return
+
+    def next_pin_expiry_s(self) -> float | None:
+        """When the earliest pin expires (policy clock), or None without pins."""
+        expiries = self._pin_expiries
+        while expiries:
+            expires_s, session = expiries[0]
+            pin = self._pins.get(session)
+            if pin is not None and pin.expires_s == expires_s:
+                return expires_s
+            heapq.heappop(expiries)
+        return None
+
+    def reset_prefix_cache(
+        self, reset_running_requests: bool = False, reset_connector: bool = False
+    ) -> bool:
+        """Pins hold cached KV only: they are released first, or vLLM's reset would
+        fail on the blocks they hold."""
+        for session in list(self._pins):
+            self._unpin(session)
+        return super().reset_prefix_cache(
+            reset_running_requests=reset_running_requests, reset_connector=reset_connector
+        )
+
     # -- introspection (tests, stats) -----------------------------------------
     @property
     def applies_victim_rank(self) -> bool:
@@ -490,6 +623,24 @@ class MarsScheduler(AsyncScheduler):
     def num_session_entries(self) -> int:
         """Sessions with recorded service (dropped at their last turn)."""
         return len(self._session_service_tokens)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Blocks pinned now (held for sessions in a tool call, not in the free queue)."""
+        return self._num_pinned_blocks
+
+    @property
+    def pinned_sessions(self) -> frozenset[str]:
+        """Sessions whose KV is pinned now."""
+        return frozenset(self._pins)
+
+
+@dataclass(slots=True)
+class _Pin:
+    """A session's pinned KV: cached blocks in prefix order, one reference each."""
+
+    blocks: list[KVCacheBlock]
+    expires_s: float  # policy clock
 
 
 def _now_free_and_cached(block: KVCacheBlock) -> bool:

@@ -20,7 +20,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from mars_ray.clock import VirtualClock
 from mars_ray.vllm.hints import SessionHints
-from mars_ray.vllm.scheduler import MarsFeatures
+from mars_ray.vllm.scheduler import MarsFeatures, MarsScheduler
 
 BLOCK_SIZE = 16
 _HASH_FN = sha256
@@ -161,8 +161,21 @@ def num_free_blocks(scheduler: AsyncScheduler) -> int:
     return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
 
 
+def expire_pins(scheduler: AsyncScheduler, clock: VirtualClock) -> None:
+    """Advance the policy clock past every pin's TTL and run one pass (pins expire at
+    the start of a pass): what an idle engine's next arrival would see."""
+    assert isinstance(scheduler, MarsScheduler)
+    clock.advance_to(clock.now_s() + 1e9)
+    step(scheduler)
+    assert scheduler.num_pinned_blocks == 0
+
+
 def assert_no_leak(scheduler: AsyncScheduler) -> None:
-    """Every block but the null block is free, and no request is tracked."""
+    """Every block but the null block is free (no pin holds any), and no request is
+    tracked. A session that never ended leaves its pin until the TTL: call
+    :func:`expire_pins` first."""
+    if isinstance(scheduler, MarsScheduler):
+        assert scheduler.num_pinned_blocks == 0 and not scheduler.pinned_sessions
     pool = scheduler.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
     assert not scheduler.requests

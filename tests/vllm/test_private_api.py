@@ -103,3 +103,18 @@ def test_offloading_connector_internals_the_offload_prototype_overrides() -> Non
     source = inspect.getsource(build)
     assert "num_scheduled_tokens" in source and "finished_req_ids" in source
     assert "self.connector_scheduler" in inspect.getsource(OffloadingConnector.__init__)
+
+
+def test_apis_the_kv_pins_rely_on() -> None:
+    """Pins (``MarsScheduler._pin_request_blocks`` and friends) use these."""
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    assert _params(BlockPool.free_blocks) == ["self", "ordered_blocks"]
+    assert _params(Scheduler.reset_prefix_cache) == [
+        "self",
+        "reset_running_requests",
+        "reset_connector",
+    ]
+    fields = SchedulerOutput.__dataclass_fields__
+    assert "scheduled_new_reqs" in fields and "scheduled_cached_reqs" in fields
+    assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__
