@@ -231,9 +231,10 @@ class VllmEngineRunner:
         )
 
     def forget(self, session_id: str) -> None:
-        """Nothing to drop: vLLM holds no pinned KV for a session between turns (a
-        finished turn's blocks are free and cached, in the order retention chose), so
-        a session that moved away leaves blocks that age out like any cached block."""
+        """Nothing is dropped early: ``MarsScheduler`` lives in vLLM's engine-core
+        process, out of reach here. KV it holds for a session that moved away stays
+        held until the pin's TTL (1.5x the predicted tool time) runs out, then ages
+        out of the prefix cache like any free block."""
 
     def snapshot(self) -> EngineSnapshot:
         board = self._board

@@ -2,7 +2,9 @@
 
 * overhead: median wall time of a one-turn request through HTTP -> Serve ingress ->
   global scheduler -> GPU worker, minus the same turn on a SimEngine called directly
-  in-process (target: <= 5 ms on an idle deployment).
+  in-process (target: <= 5 ms on an idle deployment). Printed beside it, from the
+  same run: the turn through the deployment's GPU-worker actor called directly (what
+  any Ray deployment pays to reach the engine) and Serve's HTTP path alone.
 * decisions: turn decisions (admission + placement + bookkeeping: ``begin_turn`` then
   ``end_turn``) per second the GlobalScheduler actor sustains under concurrent callers
   (target: >= 500/s).
@@ -30,10 +32,16 @@ class Overhead:
     p90_served_ms: float
     num_turns: int
     http_floor_ms: float  # median GET /healthz: Serve's HTTP path with no work behind it
+    worker_actor_ms: float  # median, the GPU-worker actor's run_turn called from the driver
 
     @property
     def added_ms(self) -> float:
         return self.served_ms - self.direct_ms
+
+    @property
+    def added_over_worker_actor_ms(self) -> float:
+        """What HTTP, the ingress and the scheduler add on top of reaching the engine."""
+        return self.served_ms - self.worker_actor_ms
 
 
 def _median_p90_ms(samples_s: list[float]) -> tuple[float, float]:
@@ -74,23 +82,47 @@ def measure_overhead(
         "messages": [{"role": "user", "content": " ".join(["w"] * prompt_tokens)}],
         "max_tokens": output_tokens,
     }
-    served, floor = [], []
+    served, floor, via_actor = [], [], []
     with (
         running_deployment(config, port=_free_port()) as running,
         httpx.Client(base_url=running.url, timeout=60) as client,
     ):
-        for _ in range(5):  # warm the proxy, replica and actor connections
+        worker = _gpu_worker(0)
+        for i in range(5):  # warm the proxy, replica and actor connections
             client.post("/v1/chat/completions", json=body).raise_for_status()
-        for _ in range(num_turns):
+            _actor_turn_s(worker, f"warm-{i}", prompt_tokens, output_tokens)
+        for i in range(num_turns):  # interleaved, so the three share the machine's noise
             started = time.perf_counter()
             client.post("/v1/chat/completions", json=body).raise_for_status()
             served.append(time.perf_counter() - started)
             started = time.perf_counter()
             client.get("/healthz").raise_for_status()
             floor.append(time.perf_counter() - started)
+            via_actor.append(_actor_turn_s(worker, f"actor-{i}", prompt_tokens, output_tokens))
     d50, d90 = _median_p90_ms(direct)
     s50, s90 = _median_p90_ms(served)
-    return Overhead(d50, s50, d90, s90, num_turns, _median_p90_ms(floor)[0])
+    floor_ms, actor_ms = _median_p90_ms(floor)[0], _median_p90_ms(via_actor)[0]
+    return Overhead(d50, s50, d90, s90, num_turns, floor_ms, actor_ms)
+
+
+def _gpu_worker(engine_id: int) -> Any:
+    import ray
+
+    from mars_ray.actors.names import NAMESPACE, worker_name
+
+    return ray.get_actor(worker_name(engine_id), namespace=NAMESPACE)
+
+
+def _actor_turn_s(worker: Any, session_id: str, prompt: int, out: int) -> float:
+    """One last turn on the GPU-worker actor, called directly (no ingress, no scheduler)."""
+    import ray
+
+    from mars_ray.actors.messages import TurnWork
+
+    work = TurnWork(session_id, 0, prompt, out, 0, 0, 0.0, 0.0, True, 0.0)
+    started = time.perf_counter()
+    ray.get(worker.run_turn.remote(work))
+    return time.perf_counter() - started
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,6 +155,8 @@ def register(app: typer.Typer) -> None:
                     "added_median_ms": round(overhead.added_ms, 2),
                     "added_target_ms": 5.0,
                     "of_which_serve_http_floor_ms": round(overhead.http_floor_ms, 2),
+                    "turn_via_worker_actor_median_ms": round(overhead.worker_actor_ms, 2),
+                    "added_over_worker_actor_ms": round(overhead.added_over_worker_actor_ms, 2),
                     "turn_direct_p90_ms": round(overhead.p90_direct_ms, 2),
                     "turn_served_p90_ms": round(overhead.p90_served_ms, 2),
                     "decisions_per_s": round(batched.per_s, 1),

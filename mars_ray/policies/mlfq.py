@@ -91,7 +91,12 @@ class MlfqScheduler(SchedulerPolicy):
     def _effective_level(self, request: SchedulableRequest, state: MlfqState) -> int:
         if request.num_tokens - request.num_computed_tokens <= 1 or state.resuming:
             return 0
-        return max(state.feedback_level, self.bucket_level(_own_prefill_left(request, 0)))
+        return max(state.feedback_level, self.bucket_level(self._prefill_left(request, 0)))
+
+    @staticmethod
+    def _prefill_left(request: SchedulableRequest, num_scheduled: int) -> int:
+        """The prefill a level's bucket is read from, ``num_scheduled`` tokens on."""
+        return _own_prefill_left(request, num_scheduled)
 
     # -- queue ----------------------------------------------------------------
     def make_waiting_queue(self) -> WaitingQueue:
@@ -135,7 +140,7 @@ class MlfqScheduler(SchedulerPolicy):
         if remaining_after > 0 and num_tokens >= self._config.quanta_tokens[state.level]:
             state.feedback_level = min(self._last_level, state.level + 1)
         if remaining_after > 0:
-            own_left = _own_prefill_left(request, num_tokens)
+            own_left = self._prefill_left(request, num_tokens)
             state.level = max(state.feedback_level, self.bucket_level(own_left))
         else:
             state.level = 0
