@@ -249,8 +249,10 @@ class SimEngine:
             self._hand_out_leftover(sched, budget)
         if not sched:
             return None
+        on_scheduled = self.policy.on_scheduled
         for request, num_tokens in sched.items():
-            self.policy.on_scheduled(request, num_tokens, now_s)
+            if request.num_tokens - request.num_computed_tokens > 1:  # decodes: no feedback
+                on_scheduled(request, num_tokens, now_s)
         self.plan = self._make_plan(sched, now_s, waiting_blocked)
         return self.plan
 

@@ -302,7 +302,8 @@ class MarsScheduler(AsyncScheduler):
                 continue
             view.num_rewound_tokens = num_tokens  # the policy sees the pre-step count
             try:
-                on_scheduled(view, num_tokens, now_s)
+                if view.is_prefilling:  # decodes carry no feedback (SchedulerPolicy)
+                    on_scheduled(view, num_tokens, now_s)
             finally:
                 view.num_rewound_tokens = 0
             session = view.hints.session_id
