@@ -251,7 +251,11 @@ class SimEngine:
             return None
         on_scheduled = self.policy.on_scheduled
         for request, num_tokens in sched.items():
-            if request.num_tokens - request.num_computed_tokens > 1:  # decodes: no feedback
+            # steady decodes carry no feedback (SchedulerPolicy); the first token does
+            if (
+                request.num_output_tokens == 0
+                or request.num_tokens - request.num_computed_tokens > 1
+            ):
                 on_scheduled(request, num_tokens, now_s)
         self.plan = self._make_plan(sched, now_s, waiting_blocked)
         return self.plan

@@ -125,8 +125,10 @@ class SchedulerPolicy(ABC):
        (the largest :meth:`victim_rank`), calls :meth:`on_preempted` and re-queues
        the victim with ``prepend``.
     4. After the step is planned, :meth:`on_scheduled` gets the tokens of each
-       request that was prefilling (a decode step computes one token and carries no
-       feedback: skipping it saves a call per running request per step).
+       request scheduled, except steady decodes (one token for a request that has
+       sampled before: it changes nothing a policy ranks by, and skipping it saves a
+       call per running request per step). The step that samples a turn's first
+       token is reported, so a request leaves prefill state through the hook.
     """
 
     #: halve prefill chunks on allocation failure before preempting anyone
@@ -157,8 +159,8 @@ class SchedulerPolicy(ABC):
     def on_scheduled(  # noqa: B027 - optional hook
         self, request: SchedulableRequest, num_tokens: int, now_s: float
     ) -> None:
-        """``num_tokens`` of ``request``'s prefill were scheduled in this step (the
-        request's counts are still the pre-step ones; not called for decodes)."""
+        """``num_tokens`` of ``request`` were scheduled in this step (the request's
+        counts are still the pre-step ones; not called for steady decodes)."""
 
     def victim_rank(self, request: SchedulableRequest, now_s: float) -> tuple[Any, ...]:
         """Preemption order of a running request: the largest rank is preempted first.

@@ -300,12 +300,18 @@ class MarsScheduler(AsyncScheduler):
             view = views.get(req_id)
             if view is None:
                 continue
-            view.num_rewound_tokens = num_tokens  # the policy sees the pre-step count
-            try:
-                if view.is_prefilling:  # decodes carry no feedback (SchedulerPolicy)
+            request = view.request
+            # steady decodes carry no feedback (SchedulerPolicy): one token for a request
+            # that has sampled before (counts here are post-step: vLLM advanced them)
+            if not (
+                request.num_output_tokens > 0
+                and request.num_tokens - request.num_computed_tokens + num_tokens <= 1
+            ):
+                view.num_rewound_tokens = num_tokens  # the policy sees the pre-step count
+                try:
                     on_scheduled(view, num_tokens, now_s)
-            finally:
-                view.num_rewound_tokens = 0
+                finally:
+                    view.num_rewound_tokens = 0
             session = view.hints.session_id
             served[session] = served.get(session, 0) + num_tokens
 
