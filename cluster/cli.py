@@ -69,8 +69,7 @@ def serve_command(
         args["policy_config_path"] = str(policy_config)
     config = deployment_config(args)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    _stop_on_signals(stop)
     with running_deployment(
         config, address=address, num_nodes=nodes if address is None else 1, host=host, port=port
     ) as deployment:
@@ -82,6 +81,12 @@ def serve_command(
         stop.wait()
         print("mars-ray: shutting down", flush=True)
     print("mars-ray: stopped", flush=True)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop``: the deployment then shuts down in order."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def register(app: typer.Typer) -> None:

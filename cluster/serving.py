@@ -6,6 +6,7 @@ port, the runtime's actors, and a clean shutdown. ``mars-ray serve`` and
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,10 @@ def running_deployment(
 
     from mars_ray.actors.app import bind
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     local = connect(address, num_gpus=config.cluster.num_gpus, num_nodes=num_nodes)
+    if callable(on_sigterm):  # ray.init replaced the caller's handler (with an exit)
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         serve.start(http_options={"host": host, "port": port}, detached=False)
         serve.run(bind(config), name=APP_NAME, route_prefix="/", blocking=False)
