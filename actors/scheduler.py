@@ -250,6 +250,9 @@ class GlobalSchedulerImpl:
             return 0
         same_node = self.engine_nodes[src] == self.engine_nodes[dst]
         num_tokens = self.sessions[session_id].context_tokens  # at most what src holds
+        if num_tokens == 0:  # no context yet: nothing to move or to recompute
+            self._forget(src, session_id)
+            return 0
         decision = self.migration.decide(num_tokens, same_node, self._recompute_s(num_tokens))
         if not decision.move:
             self.num_kv_recomputes += 1
