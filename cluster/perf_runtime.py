@@ -53,12 +53,11 @@ async def _direct_turns_s(
     config: DeploymentConfig, num_turns: int, prompt: int, out: int
 ) -> list[float]:
     from mars_ray.actors.gpu_worker import GPUWorkerImpl
-    from mars_ray.actors.messages import TurnWork
 
     runner = GPUWorkerImpl(0, 0, config).runner
     samples = []
     for i in range(num_turns):
-        work = TurnWork(f"direct-{i}", 0, prompt, out, 0, 0, 0.0, 0.0, True, 0.0)
+        work = _one_turn_work(f"direct-{i}", prompt, out)
         started = time.perf_counter()
         async for _ in runner.generate(work):
             pass
@@ -113,13 +112,18 @@ def _gpu_worker(engine_id: int) -> Any:
     return ray.get_actor(worker_name(engine_id), namespace=NAMESPACE)
 
 
+def _one_turn_work(session_id: str, prompt: int, out: int) -> Any:
+    """A session's first and last turn: no prior context, service or tool after it."""
+    from mars_ray.actors.messages import TurnWork
+
+    return TurnWork(session_id, 0, prompt, out, 0, 0, 0.0, 0.0, True, 0.0)
+
+
 def _actor_turn_s(worker: Any, session_id: str, prompt: int, out: int) -> float:
     """One last turn on the GPU-worker actor, called directly (no ingress, no scheduler)."""
     import ray
 
-    from mars_ray.actors.messages import TurnWork
-
-    work = TurnWork(session_id, 0, prompt, out, 0, 0, 0.0, 0.0, True, 0.0)
+    work = _one_turn_work(session_id, prompt, out)
     started = time.perf_counter()
     ray.get(worker.run_turn.remote(work))
     return time.perf_counter() - started

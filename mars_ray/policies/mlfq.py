@@ -26,13 +26,6 @@ class MlfqState:
 _FIRST_TURNS_AFTER_S = 1e12
 
 
-def _own_prefill_left(request: SchedulableRequest, num_scheduled: int) -> int:
-    """Prefill left of the turn's own tokens once ``num_scheduled`` more are computed
-    (context the session computed in earlier turns does not count)."""
-    done = max(request.num_computed_tokens + num_scheduled, request.session_context_tokens)
-    return max(0, request.num_tokens - done)
-
-
 class MlfqScheduler(SchedulerPolicy):
     """MLFQ over turns.
 
@@ -95,8 +88,11 @@ class MlfqScheduler(SchedulerPolicy):
 
     @staticmethod
     def _prefill_left(request: SchedulableRequest, num_scheduled: int) -> int:
-        """The prefill a level's bucket is read from, ``num_scheduled`` tokens on."""
-        return _own_prefill_left(request, num_scheduled)
+        """The prefill a level's bucket is read from: the turn's own tokens left once
+        ``num_scheduled`` more are computed (context the session computed in earlier
+        turns does not count)."""
+        done = max(request.num_computed_tokens + num_scheduled, request.session_context_tokens)
+        return max(0, request.num_tokens - done)
 
     # -- queue ----------------------------------------------------------------
     def make_waiting_queue(self) -> WaitingQueue:
