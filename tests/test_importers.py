@@ -1,10 +1,12 @@
-"""Importers: SWE-agent ``.traj`` and TraceLab JSONL into the trace schema, and ``trace import``."""
+"""Importers: SWE-agent ``.traj``, TraceLab JSONL and mini-swe-agent trajectories and call logs
+into the trace schema, and ``trace import``."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,15 @@ from mars_ray.workloads.importers import (
     IMPORTERS,
     Fit,
     ImportOptions,
+    command_programs,
     count_tokens,
+    estimate_tool_s,
     fit_session,
+    import_mini_swe_agent,
     import_swe_agent,
     import_tracelab,
+    program_runs_code,
+    reply_programs,
     runs_code,
     split_tool_time,
 )
@@ -226,7 +233,13 @@ def test_import_options_are_validated() -> None:
         ImportOptions(cpu_fraction=1.5)
     with pytest.raises(ConfigError, match="fit must be one of scale, clip"):
         ImportOptions(fit="squeeze")  # type: ignore[arg-type]
-    assert sorted(IMPORTERS) == ["swe-agent", "tracelab"]
+    with pytest.raises(ConfigError, match="decode rate must be > 0 tokens/s"):
+        ImportOptions(decode_tokens_per_s=0)
+    with pytest.raises(ConfigError, match="call overhead must be >= 0 s"):
+        ImportOptions(call_overhead_s=-1)
+    with pytest.raises(ConfigError, match="min new tokens must be >= 0"):
+        ImportOptions(min_new_tokens=-1)
+    assert sorted(IMPORTERS) == ["mini-swe-agent", "swe-agent", "tracelab"]
 
 
 # --------------------------------------------------------------------------- fitting
@@ -551,6 +564,299 @@ def test_tracelab_unreadable_inputs(tmp_path: Path) -> None:
         import_tracelab(tmp_path / "nope.jsonl")
 
 
+# --------------------------------------------------------------------------- mini-swe-agent
+
+# ../shared/traces: the public Gemini 3 Pro run (not copied into the repository).
+SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+CALL_LOG = SHARED_TRACES / "minisweagent-gemini3pro-swebench-verified.calls.jsonl.gz"
+RAW_SAMPLES = SHARED_TRACES / "minisweagent-samples"
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    """``../shared/traces``; skip without it (fail under ``MARS_REQUIRE_ALL=1``)."""
+    if not (CALL_LOG.is_file() and RAW_SAMPLES.is_dir()):
+        reason = f"the mini-swe-agent traces are not in {SHARED_TRACES} (see its README.md)"
+        if os.environ.get("MARS_REQUIRE_ALL") == "1":
+            pytest.fail(f"MARS_REQUIRE_ALL=1: {reason}")
+        pytest.skip(reason)
+    return SHARED_TRACES
+
+
+def reply(command_block: str, created: float, prompt: int, completion: int) -> dict[str, Any]:
+    """An assistant message of a raw trajectory, with the provider's response."""
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    response = {"created": created, "usage": usage, "model": "google/gemini-3-pro-preview"}
+    return {"role": "assistant", "content": f"THOUGHT: ...\n\n{command_block}",
+            "extra": {"response": response}}  # fmt: skip
+
+
+def mini_traj() -> dict[str, Any]:
+    """Four calls at t = 1000, 1010, 1020 and 1021 s, and an assistant message without a
+    response (not a call). Generation is 1.5 s + completion / 150 tokens/s by default."""
+    submit = "```bash\necho COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT && git add -A && git diff\n```"
+    return {
+        "trajectory_format": "mini-swe-agent-1",
+        "instance_id": "astropy__astropy-1",
+        "info": {"exit_status": "Submitted", "model_stats": {"api_calls": 4}},
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant ..."},
+            {"role": "user", "content": "<pr_description> ..."},
+            reply("```bash\nls -la\n```", 1000, 1500, 150),
+            {"role": "user", "content": "<returncode>0</returncode>"},
+            reply("```bash\ncd /testbed && python -m pytest -x\n```", 1010, 2000, 300),
+            {"role": "user", "content": "<returncode>1</returncode>"},
+            {"role": "assistant", "content": "a hand-written reply", "extra": {}},
+            reply("```bash\nls\n```\n```bash\npwd\n```", 1020, 2400, 150),  # two blocks
+            {"role": "user", "content": "Please always provide EXACTLY ONE action"},
+            reply(submit, 1021, 2500, 600),
+            {"role": "user", "content": "diff --git ..."},
+        ],
+    }
+
+
+MINI_TURNS = (
+    # gap 10 s - (1.5 + 150/150) = 7.5 s of `ls`: 20% CPU.
+    Turn(1500, 150, 7.5 * 0.2, 7.5 * 0.8, "ls"),
+    # 2000 - 1500 - 150 new; gap 10 s - (1.5 + 300/150) = 6.5 s of pytest: all CPU.
+    Turn(350, 300, 6.5, 0.0, "python"),
+    # gap 1 s - 2.5 s: clamped to 0; the reply had two blocks, so ran nothing.
+    Turn(100, 150, 0.0, 0.0, None),
+    # 2500 - 2400 - 150 = -50: floored at 17.
+    Turn(17, 600),
+)
+
+
+def logged_call(session: str, index: int, created_s: float, prompt: int, completion: int,
+                programs: list[str]) -> dict[str, Any]:  # fmt: skip
+    """One line of a call log."""
+    return {"session": session, "call": index, "created_s": created_s, "prompt_tokens": prompt,
+            "completion_tokens": completion, "cached_tokens": 0, "programs": programs}  # fmt: skip
+
+
+def mini_log_records() -> list[dict[str, Any]]:
+    """The call log of :func:`mini_traj` (calls out of order) and of a later session."""
+    name = "astropy__astropy-1"
+    return [
+        logged_call(name, 1, 1010, 2000, 300, ["python"]),
+        logged_call(name, 0, 1000, 1500, 150, ["ls"]),
+        logged_call("b", 0, 1100, 1200, 50, ["git"]),
+        logged_call(name, 2, 1020, 2400, 150, []),
+        logged_call(name, 3, 1021, 2500, 600, ["git", "git"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "programs", "runs"),
+    [
+        ("```bash\nls -la\n```", ("ls",), False),
+        ("```bash\ncd /testbed && python -m pytest\n```", ("python",), True),
+        ("```bash\nnl -ba a.py | sed -n '1,9p'\n```", ("nl", "sed"), False),
+        ("```bash\ncat <<'EOF' > x.py\nimport os\nEOF\n```", ("cat",), False),
+        ("```bash\necho DONE && git add -A && git diff --cached\n```", ("git", "git"), False),
+        ("```bash\n./tests/runtests.py utils_tests\n```", ("./tests/runtests.py",), True),
+        ("```bash\nPYTHONPATH=. timeout 60 python3.11 x.py\n```", ("python3.11",), True),
+        ("```bash\nsphinx-build -b html doc out\n```", ("sphinx-build",), True),
+        ("```bash\na | b | c | d | e\n```", ("a", "b", "c", "d"), False),
+        ("```bash\nls\n```\n```bash\npwd\n```", (), False),  # two blocks: nothing runs
+        ("no block", (), False),
+    ],
+)
+def test_mini_swe_agent_programs(content: str, programs: tuple[str, ...], runs: bool) -> None:
+    assert reply_programs(content) == programs
+    assert any(program_runs_code(p) for p in programs) is runs
+
+
+def test_mini_swe_agent_log_programs_run_code() -> None:
+    assert command_programs("cd tests && python3 runtests.py") == ("python3",)
+    for program in ("pytest", "/usr/bin/python3", "bin/test", "./run.sh", "PYTHONPATH"):
+        assert program_runs_code(program), program
+    for program in ("cat", "grep", "ls", "cd", "sed", "git", "/", "print", "Q"):
+        assert not program_runs_code(program), program
+
+
+def test_mini_swe_agent_tool_time_estimate() -> None:
+    assert estimate_tool_s(10.0, 150, ImportOptions()) == (7.5, False)
+    options = ImportOptions(decode_tokens_per_s=50.0, call_overhead_s=0.0)
+    assert estimate_tool_s(10.0, 150, options) == (7.0, False)
+    assert estimate_tool_s(2.0, 150, options) == (0.0, True)
+
+
+def test_mini_swe_agent_raw_trajectories(tmp_path: Path) -> None:
+    write_json(tmp_path / "astropy__astropy-1.traj.json", mini_traj())
+    later = {"messages": [reply("```bash\ngit status\n```", 1100, 1200, 50)]}
+    write_json(tmp_path / "sub" / "b.traj.json", later)
+    imported = import_mini_swe_agent(tmp_path)
+    assert imported.has_arrival_times is True and imported.num_fitted == 0
+    assert (imported.num_clamped_tool_gaps, imported.num_floored_new_tokens) == (1, 1)
+    first, second = imported.sessions
+    assert (first.session_id, first.arrival_s) == ("astropy__astropy-1", 0.0)
+    assert (second.session_id, second.arrival_s) == ("b", 100.0)
+    assert as_tuples(first.turns) == approx_turns(MINI_TURNS)
+    assert as_tuples(second.turns) == [(1200, 50, 0.0, 0.0, None)]
+
+
+def test_mini_swe_agent_call_log_matches_the_trajectory(tmp_path: Path) -> None:
+    path = tmp_path / "run.calls.jsonl.gz"
+    with gzip.open(path, "wt") as out:
+        out.writelines(json.dumps(record) + "\n" for record in mini_log_records())
+    imported = import_mini_swe_agent(path)
+    assert [(s.session_id, s.arrival_s) for s in imported.sessions] == [
+        ("astropy__astropy-1", 0.0),
+        ("b", 100.0),
+    ]
+    assert as_tuples(imported.sessions[0].turns) == approx_turns(MINI_TURNS)
+    raw = write_json(tmp_path / "astropy__astropy-1.traj.json", mini_traj())
+    assert import_mini_swe_agent(raw).sessions[0].turns == imported.sessions[0].turns
+
+
+def test_mini_swe_agent_options(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "a.traj.json", mini_traj())
+    options = ImportOptions(decode_tokens_per_s=100.0, call_overhead_s=0.5, min_new_tokens=0,
+                            cpu_fraction=0.5, max_context_tokens=2400, fit=Fit.clip)  # fmt: skip
+    imported = import_mini_swe_agent(path, options)
+    assert imported.num_fitted == 1 and imported.num_floored_new_tokens == 1  # -50 < 0
+    first, second = imported.sessions[0].turns  # 1650 + 650 tokens: clipped at 2400
+    # The gap of 10 s less 0.5 + 150 / 100 s of generation: 8 s of `ls`, half CPU.
+    assert (first.tool_cpu_s, first.tool_wait_s) == pytest.approx((4.0, 4.0))
+    assert second == Turn(350, 300)
+
+
+def mini_with(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    data = mini_traj()
+    change(data)
+    return data
+
+
+def response_of(data: dict[str, Any], index: int) -> dict[str, Any]:
+    response: dict[str, Any] = data["messages"][index]["extra"]["response"]
+    return response
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            mini_with(lambda d: response_of(d, 2).pop("created")),
+            "field 'messages[2].extra.response.created': missing",
+        ),
+        (
+            mini_with(lambda d: response_of(d, 4)["usage"].update(prompt_tokens=-5)),
+            "field 'messages[4].extra.response.usage.prompt_tokens': must be a finite number"
+            " >= 0, got -5",
+        ),
+        (
+            mini_with(lambda d: response_of(d, 7)["usage"].update(completion_tokens=1.5)),
+            "field 'messages[7].extra.response.usage.completion_tokens': must be a whole number",
+        ),
+        (
+            mini_with(lambda d: response_of(d, 2).pop("usage")),
+            "field 'messages[2].extra.response.usage': missing",
+        ),
+        (
+            mini_with(lambda d: d["messages"][2].update(extra="x")),
+            "field 'messages[2].extra': expected a JSON object, got a string",
+        ),
+        (
+            mini_with(lambda d: d["messages"][2].update(content=5)),
+            "field 'messages[2].content': must be a string or a list of parts",
+        ),
+        (mini_with(lambda d: d["messages"][3].pop("role")), "field 'messages[3].role': missing"),
+        (mini_with(lambda d: d.pop("messages")), "field 'messages': missing"),
+        (
+            mini_with(lambda d: d.update(trajectory_format="swe-agent")),
+            "field 'trajectory_format': must be 'mini-swe-agent-1', got 'swe-agent'",
+        ),
+        (
+            mini_with(lambda d: d.update(messages=d["messages"][:2])),
+            "field 'messages': has no assistant message with 'extra.response'",
+        ),
+        ([1, 2], "expected a JSON object, got a list"),
+    ],
+)
+def test_mini_swe_agent_errors_name_the_file_and_field(
+    tmp_path: Path, data: Any, message: str
+) -> None:
+    path = write_json(tmp_path / "bad.traj.json", data)
+    with pytest.raises(TraceError) as info:
+        import_mini_swe_agent(path)
+    assert str(info.value).startswith(f"{path}")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"created_s": ...}, "field 'created_s': missing"),
+        ({"created_s": "noon"}, "field 'created_s': must be a number, got a string 'noon'"),
+        ({"session": ...}, "field 'session': missing"),
+        ({"prompt_tokens": -1}, "field 'prompt_tokens': must be a finite number >= 0, got -1"),
+        ({"programs": "ls"}, "field 'programs': must be a list of strings, got 'ls'"),
+        ({"call": 1}, "field 'call': repeats call 1 of session 'astropy__astropy-1'"),
+    ],
+)
+def test_mini_swe_agent_log_errors_name_the_line_and_field(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    first, *_ = mini_log_records()
+    bad = {k: v for k, v in {**first, "call": 0, **change}.items() if v is not ...}
+    path = write_jsonl(tmp_path / "calls.jsonl", [first, bad])
+    with pytest.raises(TraceError) as info:
+        import_mini_swe_agent(path)
+    assert str(info.value).startswith(f"{path}: line 2, {message}")
+
+
+def test_mini_swe_agent_unreadable_inputs(tmp_path: Path) -> None:
+    (tmp_path / "broken.traj.json").write_text('{"messages": [\n  {"role": "user",}\n]}')
+    with pytest.raises(TraceError, match=r"broken\.traj\.json: not valid JSON \(.* line 2"):
+        import_mini_swe_agent(tmp_path / "broken.traj.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceError, match=r"empty: no \*\.traj\.json or \*\.jsonl or"):
+        import_mini_swe_agent(tmp_path / "empty")
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(TraceError, match=r"blank\.jsonl: no sessions found"):
+        import_mini_swe_agent(tmp_path / "blank.jsonl")
+
+
+def assistant_calls(path: Path) -> int:
+    """Assistant messages with a provider response in a raw trajectory."""
+    messages = json.loads(path.read_text())["messages"]
+    return sum(m["role"] == "assistant" and "response" in m.get("extra", {}) for m in messages)
+
+
+def test_mini_swe_agent_imports_the_raw_samples(shared_traces: Path) -> None:
+    files = sorted((shared_traces / "minisweagent-samples").glob("*.traj.json"))
+    assert len(files) == 5
+    imported = import_mini_swe_agent(files)
+    by_id = {session.session_id: session for session in imported.sessions}
+    for path in files:
+        session = by_id[path.name.removesuffix(".traj.json")]
+        assert session.num_turns == assistant_calls(path)
+        assert all(t.new_tokens > 0 and t.output_tokens > 0 for t in session.turns)
+        assert all(t.tool_cpu_s >= 0 and t.tool_wait_s >= 0 for t in session.turns)
+        assert sum(t.tool_s for t in session.turns) > 0
+    assert min(s.arrival_s for s in imported.sessions) == 0.0
+    # The same run's call log yields the same sessions.
+    logged = {s.session_id: s for s in import_mini_swe_agent(CALL_LOG).sessions}
+    assert all(logged[sid].turns == session.turns for sid, session in by_id.items())
+
+
+def test_mini_swe_agent_imports_the_call_log(shared_traces: Path) -> None:
+    imported = import_mini_swe_agent(shared_traces / CALL_LOG.name)
+    sessions = imported.sessions
+    assert (len(sessions), sum(s.num_turns for s in sessions)) == (500, 20_163)
+    assert imported.has_arrival_times is True and imported.num_fitted == 0
+    # The figures docs/workloads.md quotes, with the default estimates.
+    assert (imported.num_clamped_tool_gaps, imported.num_floored_new_tokens) == (381, 1_292)
+    assert sessions[0].arrival_s == 0.0 and sessions[-1].arrival_s == pytest.approx(6220.0)
+    turns = [turn for session in sessions for turn in session.turns]
+    assert all(t.tool_cpu_s >= 0 and t.tool_wait_s >= 0 for t in turns)
+    assert all(t.new_tokens > 0 and t.output_tokens > 0 for t in turns)
+    assert all(s.turns[-1].tool_s == 0.0 for s in sessions)
+
+
 # --------------------------------------------------------------------------- cli
 
 
@@ -602,7 +908,7 @@ def test_cli_import_errors(traj_dir: Path, tmp_path: Path, trace_cli: Callable[.
     assert "carry no session start times" in str(result.exception)
     result = trace_cli("import", "--format", "openhands", str(traj_dir), "--out", out)
     assert isinstance(result.exception, UnknownNameError)
-    assert "known: swe-agent, tracelab" in str(result.exception)
+    assert "known: mini-swe-agent, swe-agent, tracelab" in str(result.exception)
     result = trace_cli("import", "--format", "swe-agent", str(traj_dir), "--out", out,
                        "--chars-per-token", "0")  # fmt: skip
     assert isinstance(result.exception, ConfigError)
@@ -621,3 +927,24 @@ def test_console_script_prints_one_line_for_bad_input(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: line 2: not valid JSON")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_imports_mini_swe_agent(
+    shared_traces: Path, tmp_path: Path, trace_cli: Callable[..., Any]
+) -> None:
+    out = tmp_path / "x.parquet"
+    samples = str(shared_traces / "minisweagent-samples")
+    result = trace_cli("import", "--format", "mini-swe-agent", samples, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "wrote 5 mini-swe-agent sessions (108 turns)" in result.output
+    assert "arrivals: the trace's own times" in result.output
+    assert [s.num_turns for s in read_trace(out)] == [18, 21, 24, 18, 27]
+
+    log = str(shared_traces / CALL_LOG.name)
+    result = trace_cli("import", "--format", "mini-swe-agent", log, "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert (summary["num_sessions"], summary["num_turns"]) == (500, 20_163)
+    inspected = trace_cli("inspect", str(out), "--json")
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.output)["num_tool_calls"] == 20_163 - 500

@@ -1,16 +1,19 @@
 """Importers (DESIGN section 7): public agent trajectories as sessions of the trace schema.
 
-Two formats are registered in :data:`IMPORTERS`, each ``importer(paths, options) ->
+Three formats are registered in :data:`IMPORTERS`, each ``importer(paths, options) ->
 ImportedTrace``:
 
 - ``swe-agent``: SWE-agent ``.traj`` files, one per session (:func:`import_swe_agent`);
 - ``tracelab``: TraceLab's normalized round JSONL, one LLM round per line
-  (:func:`import_tracelab`).
+  (:func:`import_tracelab`);
+- ``mini-swe-agent``: mini-swe-agent ``.traj.json`` trajectories, or a per-call log
+  of them (JSONL), with the provider's token counts and times
+  (:func:`import_mini_swe_agent`).
 
 The schema is append-only: a turn's prompt is everything before it plus its
-``new_tokens``, and its output joins the context. Both importers map their format
-onto that model (the docstrings say how), keep the tool call after a session's last
-turn empty, and, given ``max_context_tokens``, make every session fit the served
+``new_tokens``, and its output joins the context. Every importer maps its format
+onto that model (the docstrings say how), keeps the tool call after a session's last
+turn empty, and, given ``max_context_tokens``, makes every session fit the served
 model's window by scaling or clipping it (:func:`fit_session`). Arrival times are the
 trace's own where it has them (seconds after the earliest session); otherwise every
 session arrives at 0 and the caller picks an arrival process (``arrivals.py``).
@@ -48,6 +51,17 @@ DEFAULT_CHARS_PER_TOKEN = 4.0
 # CPU share of a tool call that is not recognised as running code: the generators draw
 # it from 5-30% for quick calls (generators.QUICK_TOOL_CPU_FRACTION); 0.2 is an assumption.
 DEFAULT_CPU_FRACTION = 0.2
+# mini-swe-agent: the provider's time to answer a call is estimated as
+# DEFAULT_CALL_OVERHEAD_S + completion_tokens / DEFAULT_DECODE_TOKENS_PER_S. The pair is
+# the lower envelope (5th percentile) of the gaps after light commands (cat, grep, ls,
+# sed, ...) in the Gemini 3 Pro log, per band of completion tokens: 2 s at 40 tokens,
+# 5 s at 570, 9 s at 1,090, 16 s at 2,140, 32 s at 4,780.
+DEFAULT_DECODE_TOKENS_PER_S = 150.0
+DEFAULT_CALL_OVERHEAD_S = 1.5
+# The least a mini-swe-agent turn appends: the observation of a command with no output
+# ("<returncode>0</returncode>\n<output>\n</output>") is 17 tokens under Gemini's
+# tokenizer, the most common growth between two calls in the log.
+DEFAULT_MIN_NEW_TOKENS = 17
 
 
 class Fit(StrEnum):
@@ -69,6 +83,12 @@ class ImportOptions:
     """``scale`` or ``clip`` a session longer than ``max_context_tokens``."""
     cpu_fraction: float = DEFAULT_CPU_FRACTION
     """CPU share of a tool call that does not run code (see :func:`split_tool_time`)."""
+    decode_tokens_per_s: float = DEFAULT_DECODE_TOKENS_PER_S
+    """Provider's decode rate, for the generation time in a gap (``mini-swe-agent`` only)."""
+    call_overhead_s: float = DEFAULT_CALL_OVERHEAD_S
+    """Provider's fixed time per call (queueing, prefill, network; ``mini-swe-agent``)."""
+    min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS
+    """Floor of a later turn's ``new_tokens`` (``mini-swe-agent`` only)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.chars_per_token) and self.chars_per_token > 0):
@@ -80,6 +100,13 @@ class ImportOptions:
             raise ConfigError(f"tool CPU fraction must be in [0, 1], got {self.cpu_fraction:g}")
         if self.fit not in tuple(Fit):
             raise ConfigError(f"fit must be one of {', '.join(Fit)}, got {self.fit!r}")
+        rate = self.decode_tokens_per_s
+        if not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(f"decode rate must be > 0 tokens/s, got {rate:g}")
+        if not (math.isfinite(self.call_overhead_s) and self.call_overhead_s >= 0):
+            raise ConfigError(f"call overhead must be >= 0 s, got {self.call_overhead_s:g}")
+        if self.min_new_tokens < 0:
+            raise ConfigError(f"min new tokens must be >= 0, got {self.min_new_tokens}")
 
 
 DEFAULT_IMPORT_OPTIONS = ImportOptions()
@@ -93,6 +120,10 @@ class ImportedTrace(NamedTuple):
     """True when ``arrival_s`` are the trace's own times; else every session arrives at 0."""
     num_fitted: int
     """Sessions scaled or clipped to ``max_context_tokens``."""
+    num_clamped_tool_gaps: int = 0
+    """Tool times estimated below 0 and clamped to 0 (``mini-swe-agent``)."""
+    num_floored_new_tokens: int = 0
+    """Turns whose ``new_tokens`` were raised to ``min_new_tokens`` (``mini-swe-agent``)."""
 
 
 class TraceImporter(Protocol):
@@ -177,16 +208,22 @@ def _clip(session: SessionSpec, max_context_tokens: int) -> SessionSpec:
 
 
 def _finish(
-    sessions: list[SessionSpec], has_arrival_times: bool, options: ImportOptions, label: str
+    sessions: list[SessionSpec],
+    has_arrival_times: bool,
+    options: ImportOptions,
+    label: str,
+    estimate_counts: tuple[int, int] = (0, 0),
 ) -> ImportedTrace:
+    """The imported trace, fitted to the window; ``estimate_counts`` are the clamped
+    tool gaps and floored ``new_tokens`` of the estimating importers."""
     if not sessions:
         raise TraceError(f"{label}: no sessions found")
     window = options.max_context_tokens
     if window is None:
-        return ImportedTrace(sessions, has_arrival_times, 0)
+        return ImportedTrace(sessions, has_arrival_times, 0, *estimate_counts)
     fitted = [fit_session(session, window, options.fit) for session in sessions]
     num_fitted = sum(new is not old for new, old in zip(fitted, sessions, strict=True))
-    return ImportedTrace(fitted, has_arrival_times, num_fitted)
+    return ImportedTrace(fitted, has_arrival_times, num_fitted, *estimate_counts)
 
 
 # --------------------------------------------------------------------------- reading input
@@ -209,6 +246,17 @@ def _input_files(paths: PathLike | Sequence[PathLike], patterns: Sequence[str]) 
         else:
             raise TraceError(f"{path}: no such file")
     return files
+
+
+def _read_json(path: Path) -> object:
+    """The JSON document in ``path``, or a :class:`TraceError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise TraceError(f"{path}: not valid JSON ({exc.msg} at {where})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read ({exc})") from None
 
 
 def _json_type(value: object) -> str:
@@ -281,6 +329,11 @@ class _Fields:
             raise self.error(name, f"must be a string, got {_json_type(value)}")
         return value
 
+    def object(self, name: str) -> _Fields | None:
+        """The object in field ``name`` (``None`` if absent or null), named ``name.`` in errors."""
+        value = self.data.get(name)
+        return None if value is None else _Fields(value, self.where, f"{self.prefix}{name}.")
+
     def objects(self, name: str, required: bool = True) -> list[_Fields]:
         """The list of objects in field ``name``, each named ``name[i]`` in errors."""
         value = self.data.get(name)
@@ -303,22 +356,28 @@ class _Fields:
 CODE_COMMANDS = frozenset(
     {"python", "python3", "pytest", "py.test", "tox", "nox", "make", "cmake", "ctest", "ninja",
      "cargo", "go", "npm", "npx", "yarn", "pnpm", "node", "mvn", "gradle", "java", "javac",
-     "gcc", "g++", "clang", "rustc", "ruby", "rake", "php", "bash", "sh"}
+     "gcc", "g++", "clang", "rustc", "ruby", "rake", "php", "bash", "sh", "sphinx-build",
+     "pylint", "pyreverse", "mypy", "flake8"}
 )  # fmt: skip
 _COMMAND_SEPARATORS = re.compile(r"&&|\|\||[;|]")
 _PYTHON_VERSION = re.compile(r"^python\d+(\.\d+)?$")
 
 
-def _command_words(action: str) -> Iterator[str]:
+def _command_heads(action: str) -> Iterator[str]:
     """The first word of each command on the action's first line (later lines are the
-    body of an edit or a heredoc), without its directory, env assignments or wrappers."""
+    body of an edit or a heredoc), past env assignments and wrappers."""
     lines = action.strip().splitlines()
     for command in _COMMAND_SEPARATORS.split(lines[0] if lines else ""):
         words = command.split()
         while words and ("=" in words[0] or words[0] in ("timeout", "time", "env", "sudo")):
             words = words[2:] if words[0] == "timeout" else words[1:]
         if words:
-            yield words[0].rsplit("/", 1)[-1]
+            yield words[0]
+
+
+def _command_words(action: str) -> Iterator[str]:
+    """:func:`_command_heads` without their directories: ``/usr/bin/python3`` is ``python3``."""
+    return (head.rsplit("/", 1)[-1] for head in _command_heads(action))
 
 
 def runs_code(action: str) -> bool:
@@ -385,14 +444,7 @@ def _swe_agent_calls(history: list[_Fields], chars_per_token: float) -> list[_Ca
 
 
 def _swe_agent_session(path: Path, session_id: str, options: ImportOptions) -> SessionSpec:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno}, column {exc.colno}"
-        raise TraceError(f"{path}: not valid JSON ({exc.msg} at {where})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{path}: cannot read ({exc})") from None
-    root = _Fields(data, str(path))
+    root = _Fields(_read_json(path), str(path))
     if "attempts" in root.data and "history" not in root.data:
         raise TraceError(
             f"{path}: a retry-agent trajectory ('attempts'); import each attempt's .traj"
@@ -685,3 +737,249 @@ def import_tracelab(
         ]
         sessions.sort(key=lambda session: session.arrival_s)
     return _finish(sessions, has_times, options, ", ".join(map(str, files)))
+
+
+# --------------------------------------------------------------------------- mini-swe-agent
+
+MINI_SWE_AGENT_FORMAT = "mini-swe-agent-1"
+# Program names the call log leaves out, and so does the raw reader: shell built-ins that
+# only set the scene (``cd /testbed && pytest`` runs ``pytest``).
+SKIPPED_PROGRAMS = frozenset({"cd", "echo"})
+MAX_PROGRAMS = 4
+# A program named by a path or a script file runs project code: ``./tests/runtests.py``,
+# ``bin/test``, ``./run.sh``.
+SCRIPT_SUFFIXES = (".py", ".sh")
+# The log keeps an env assignment's name instead of its program (``PYTHONPATH=. python
+# x.py`` is logged as ``PYTHONPATH``); a Python variable implies a Python run.
+_PYTHON_ENV = re.compile(r"^PYTHON[A-Z_]*$")
+# mini-swe-agent's own action regex: the reply must hold exactly one such block.
+_BASH_BLOCK = re.compile(r"```bash\s*\n(.*?)\n```", re.DOTALL)
+LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+class _LlmCall(NamedTuple):
+    """One LLM call of a mini-swe-agent session, in either input."""
+
+    created_s: float  # the provider's ``created`` time, epoch seconds
+    prompt_tokens: int
+    completion_tokens: int
+    programs: tuple[str, ...]  # of the command the reply ran (the tool call after it)
+
+
+class _Estimates(NamedTuple):
+    """A session built from estimates, and how often an estimate was cut."""
+
+    session: SessionSpec  # arrival_s: epoch seconds of the first call, re-based later
+    num_clamped_tool_gaps: int
+    num_floored_new_tokens: int
+
+
+def command_programs(command: str) -> tuple[str, ...]:
+    """Programs a bash command runs, as the call log records them: the first word of
+    each command on its first line (:func:`_command_heads`), without ``cd`` and
+    ``echo``, at most four: ``cd /testbed && python -m pytest`` is ``("python",)``."""
+    heads = (head for head in _command_heads(command) if head not in SKIPPED_PROGRAMS)
+    return tuple(heads)[:MAX_PROGRAMS]
+
+
+def reply_programs(content: str) -> tuple[str, ...]:
+    """Programs of the one ```` ```bash ```` block of a reply; none unless there is
+    exactly one (mini-swe-agent then runs nothing and answers with a format error)."""
+    blocks = _BASH_BLOCK.findall(content)
+    return command_programs(blocks[0]) if len(blocks) == 1 else ()
+
+
+def program_runs_code(program: str) -> bool:
+    """Whether a program runs code (tests, scripts, builds) rather than a light command
+    (``cat``, ``grep``, ``ls``, ``sed``, ``git``): an interpreter, test runner or build
+    tool (:data:`CODE_COMMANDS`, ``python3.11``), a script (``*.py``, ``*.sh``), a
+    relative path (``./tests/runtests.py``, ``bin/test``), or a ``PYTHON*`` variable."""
+    name = program.rsplit("/", 1)[-1]
+    is_relative_path = "/" in program and not program.startswith("/") and bool(name)
+    return (
+        name in CODE_COMMANDS
+        or bool(_PYTHON_VERSION.match(name) or _PYTHON_ENV.match(name))
+        or name.endswith(SCRIPT_SUFFIXES)
+        or is_relative_path
+    )
+
+
+def estimate_tool_s(
+    gap_s: float, completion_tokens: int, options: ImportOptions
+) -> tuple[float, bool]:
+    """The tool time within ``gap_s``, the time from one call's ``created`` to the next's,
+    and whether the estimate was clamped.
+
+    The gap holds the provider's answer and then the tool call; the answer is taken to
+    last ``options.call_overhead_s + completion_tokens / options.decode_tokens_per_s``
+    (completion tokens include hidden reasoning). The rest is the tool's, clamped at 0
+    when the answer came faster than that (``True`` is returned then).
+    """
+    generation_s = options.call_overhead_s + completion_tokens / options.decode_tokens_per_s
+    tool_s = gap_s - generation_s
+    return max(0.0, tool_s), tool_s < 0
+
+
+def _new_tokens(calls: Sequence[_LlmCall], i: int, min_new_tokens: int) -> tuple[int, bool]:
+    """Turn ``i``'s ``new_tokens`` and whether the floor raised it: the first prompt
+    (at least 1), else the prompt's growth beyond the previous prompt and output."""
+    if i == 0:
+        return max(1, calls[0].prompt_tokens), False
+    previous = calls[i - 1]
+    grown = calls[i].prompt_tokens - previous.prompt_tokens - previous.completion_tokens
+    return max(min_new_tokens, grown), grown < min_new_tokens
+
+
+def _mini_swe_agent_session(
+    session_id: str, calls: Sequence[_LlmCall], options: ImportOptions
+) -> _Estimates:
+    turns = []
+    num_clamped = num_floored = 0
+    for i, call in enumerate(calls):
+        new_tokens, floored = _new_tokens(calls, i, options.min_new_tokens)
+        num_floored += floored
+        output_tokens = max(1, call.completion_tokens)
+        if i == len(calls) - 1:
+            turns.append(Turn(new_tokens, output_tokens))
+            break
+        gap_s = calls[i + 1].created_s - call.created_s
+        tool_s, clamped = estimate_tool_s(gap_s, call.completion_tokens, options)
+        num_clamped += clamped
+        runs = any(program_runs_code(program) for program in call.programs)
+        cpu_s, wait_s = split_tool_time(tool_s, runs, options.cpu_fraction)
+        name = call.programs[0] if call.programs else None
+        turns.append(Turn(new_tokens, output_tokens, cpu_s, wait_s, name))
+    session = SessionSpec(session_id, calls[0].created_s, tuple(turns))
+    return _Estimates(session, num_clamped, num_floored)
+
+
+def _usage_call(response: _Fields, programs: tuple[str, ...]) -> _LlmCall:
+    """An assistant message's ``extra.response`` as a call."""
+    usage = response.object("usage")
+    if usage is None:
+        raise response.missing(["usage"])
+    return _LlmCall(
+        created_s=response.number(["created"]),
+        prompt_tokens=usage.count(["prompt_tokens"]),
+        completion_tokens=usage.count(["completion_tokens"]),
+        programs=programs,
+    )
+
+
+def _trajectory_calls(path: Path) -> list[_LlmCall]:
+    """The calls of a raw ``.traj.json``: its assistant messages with ``extra.response``."""
+    root = _Fields(_read_json(path), str(path))
+    found = root.find(["trajectory_format"])
+    if found is not None and found[1] != MINI_SWE_AGENT_FORMAT:
+        raise root.error(
+            "trajectory_format", f"must be {MINI_SWE_AGENT_FORMAT!r}, got {found[1]!r}"
+        )
+    calls = []
+    for message in root.objects("messages"):
+        if message.text(["role"]) != "assistant":
+            continue
+        extra = message.object("extra")
+        response = extra.object("response") if extra is not None else None
+        if response is not None:
+            calls.append(_usage_call(response, reply_programs(_message_text(message))))
+    if not calls:
+        raise root.error("messages", "has no assistant message with 'extra.response'")
+    return calls
+
+
+def _trajectory_name(path: Path) -> str:
+    """``astropy__astropy-7336`` for ``astropy__astropy-7336.traj.json``."""
+    name = path.name.removesuffix(".json")
+    return name.removesuffix(".traj") if name != path.name else path.stem
+
+
+def _log_programs(record: _Fields) -> tuple[str, ...]:
+    value = record.data.get("programs")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise record.error("programs", f"must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _log_call(record: _Fields) -> tuple[str, int, _LlmCall]:
+    """``(session, call index, call)`` of one line of the call log."""
+    call = _LlmCall(
+        created_s=record.number(["created_s"]),
+        prompt_tokens=record.count(["prompt_tokens"]),
+        completion_tokens=record.count(["completion_tokens"]),
+        programs=_log_programs(record),
+    )
+    return record.text(["session"]), record.count(["call"]), call
+
+
+def _log_sessions(path: Path, found: dict[str, dict[int, _LlmCall]]) -> None:
+    """Add the calls of a call log to ``found`` (session -> call index -> call)."""
+    for record in _jsonl_records(path):
+        session_id, index, call = _log_call(record)
+        calls = found.setdefault(session_id, {})
+        if index in calls:
+            raise record.error("call", f"repeats call {index} of session {session_id!r}")
+        calls[index] = call
+
+
+def _mini_swe_agent_inputs(files: Sequence[Path]) -> list[tuple[str, list[_LlmCall]]]:
+    """``(session id, calls in order)`` of every trajectory and every session in a log,
+    in input order; a repeated name gets ``-2``, ``-3``, ..."""
+    named: list[tuple[str, list[_LlmCall]]] = []
+    for path in files:
+        if path.name.endswith(LOG_SUFFIXES):
+            found: dict[str, dict[int, _LlmCall]] = {}
+            _log_sessions(path, found)
+            named += [(sid, [calls[i] for i in sorted(calls)]) for sid, calls in found.items()]
+        else:
+            named.append((_trajectory_name(path), _trajectory_calls(path)))
+    ids = _unique_ids([name for name, _ in named])
+    return [(id_, calls) for id_, (_, calls) in zip(ids, named, strict=True)]
+
+
+@IMPORTERS.register("mini-swe-agent")
+def import_mini_swe_agent(
+    paths: PathLike | Sequence[PathLike], options: ImportOptions = DEFAULT_IMPORT_OPTIONS
+) -> ImportedTrace:
+    """Import mini-swe-agent runs: raw ``.traj.json`` trajectories (format
+    ``mini-swe-agent-1``), one session per file named after it, and call logs
+    (``.jsonl`` or ``.jsonl.gz``), one session per ``session`` value. Directories are
+    searched for all three.
+
+    - Raw trajectories: each ``messages[]`` entry of ``role`` ``assistant`` with an
+      ``extra.response`` is one LLM call: ``created`` (epoch seconds),
+      ``usage.prompt_tokens`` and ``usage.completion_tokens``; the programs are those
+      of its ``content``'s one ```` ```bash ```` block (:func:`reply_programs`).
+    - Call logs: one JSON object per call with ``session``, ``call`` (its index; calls
+      are put in this order), ``created_s``, ``prompt_tokens``, ``completion_tokens``
+      and ``programs`` (optional; ``cached_tokens`` is not used).
+
+    Each call is a turn. Turn 0's ``new_tokens`` is its prompt; turn k's is
+    ``prompt(k) - prompt(k-1) - completion(k-1)``, floored at ``options.min_new_tokens``
+    (the growth is below it when hidden reasoning, counted in the completion, is not
+    sent back). ``output_tokens`` is the completion (at least 1). The tool time after
+    turn k is :func:`estimate_tool_s` of the gap between calls k and k+1's ``created``
+    times (whole seconds): the gap less ``options.call_overhead_s + completion(k) /
+    options.decode_tokens_per_s``, clamped at 0. It is all CPU if one of the call's
+    programs runs code (:func:`program_runs_code`: ``python``, ``pytest``, ...), else
+    ``options.cpu_fraction`` CPU (``cat``, ``grep``, ``ls``, ``sed``); ``tool_name``
+    is the first program. The count of clamped gaps and floored turns is returned.
+    A session arrives at its first call's ``created`` time, relative to the earliest
+    session's.
+    """
+    files = _input_files(paths, ["*.traj.json", *(f"*{suffix}" for suffix in LOG_SUFFIXES)])
+    estimates = [
+        _mini_swe_agent_session(session_id, calls, options)
+        for session_id, calls in _mini_swe_agent_inputs(files)
+    ]
+    origin_s = min((e.session.arrival_s for e in estimates), default=0.0)
+    sessions = sorted(
+        (e.session.with_arrival(e.session.arrival_s - origin_s) for e in estimates),
+        key=lambda session: session.arrival_s,
+    )
+    counts = (
+        sum(e.num_clamped_tool_gaps for e in estimates),
+        sum(e.num_floored_new_tokens for e in estimates),
+    )
+    return _finish(sessions, True, options, ", ".join(map(str, files)), counts)
