@@ -3,8 +3,8 @@
 One bench is a grid: every policy runs the *same* sessions with the *same* arrival
 times at each rate (Poisson, seeded; or a trace's own arrivals). Rates are given in
 sessions/s or as loads, fractions of the cluster's estimated saturation rate
-(:func:`estimate_saturation`). The output directory gets ``summary.json`` (DESIGN
-section 8), per-session, per-request and time-series Parquet, and PNG plots; the
+(:func:`estimate_saturation`). The output directory gets ``summary.json`` (docs/design.md
+§8), per-session, per-request and time-series Parquet, and PNG plots; the
 terminal gets a table per (policy, rate) and MARS's ratios against each baseline.
 """
 
@@ -69,7 +69,7 @@ class BenchConfig(FrozenConfig):
     """
 
     workload: str | None = Field(None, description="workload generator name")
-    trace: Path | None = Field(None, description="Parquet trace (DESIGN section 7)")
+    trace: Path | None = Field(None, description="Parquet trace (docs/design.md §7)")
     policies: tuple[str, ...] = Field(DEFAULT_POLICIES, description="policy names")
     rates_per_s: tuple[float, ...] | None = Field(None, description="session arrival rates")
     loads: tuple[float, ...] | None = Field(
@@ -590,7 +590,7 @@ def run_sweep(
 def build_summary(
     config: BenchConfig, plan: BenchPlan, runs: Sequence[tuple[SweepPoint, RunResult]]
 ) -> dict[str, Any]:
-    """``summary.json``: ``{"config": ..., "runs": [...]}`` (DESIGN section 8), JSON-safe."""
+    """``summary.json``: ``{"config": ..., "runs": [...]}`` (docs/design.md §8), JSON-safe."""
     config_entry = config.model_dump(mode="json") | {
         "command": rerun_command(config),
         "rerun_command": rerun_command(config, plan.rates_per_s),

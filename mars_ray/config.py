@@ -3,7 +3,7 @@
 Every model rejects unknown keys and out-of-range values at construction (pydantic
 raises; :func:`validated` turns that into a one-line :class:`ConfigError`), and is
 never mutated afterwards. Defaults are the MARS paper's released-code values
-(DESIGN section 4) and vLLM's engine defaults.
+(docs/design.md §4.8) and vLLM's engine defaults.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def validated(cls: type[C], **values: Any) -> C:
 
 
 class MlfqConfig(FrozenConfig):
-    """Multi-level feedback queue (DESIGN section 4)."""
+    """Multi-level feedback queue (docs/design.md §4.3)."""
 
     quanta_tokens: tuple[int, ...] = Field(
         (2048, 1024, 512, 256), description="per-step prefill token quantum of each level"
@@ -60,7 +60,7 @@ class MlfqConfig(FrozenConfig):
 
 
 class AdmissionConfig(FrozenConfig):
-    """AIMD admission window over KV and CPU signals (DESIGN section 4).
+    """AIMD admission window over KV and CPU signals (docs/design.md §4.2).
 
     Window bounds are per GPU; the cluster window scales them by the GPU count.
     """

@@ -1,7 +1,7 @@
 """Session, request and run metrics over the boundary types of :mod:`mars_ray.results`.
 
 Pure functions: every runtime (simulator, Ray, vLLM) produces a :class:`RunResult`
-and these turn it into the numbers of DESIGN section 8.
+and these turn it into the numbers of docs/design.md §8.
 
 Conventions:
 
@@ -24,7 +24,7 @@ import numpy as np
 from mars_ray.results import RequestRecord, RunResult, SessionRecord
 
 GOODPUT_ALPHAS: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
-"""Slowdown bounds reported as goodput (DESIGN section 2; the paper's default is 3)."""
+"""Slowdown bounds reported as goodput (docs/design.md §2; the paper's default is 3)."""
 
 DEFAULT_ALPHA = 3.0
 
@@ -36,7 +36,7 @@ def alpha_key(alpha: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SessionMetrics:
-    """Session-level latency and goodput (DESIGN section 8)."""
+    """Session-level latency and goodput (docs/design.md §8)."""
 
     num_sessions: int
     num_completed: int
@@ -213,9 +213,9 @@ def _per_min(count: int, duration_s: float) -> float | None:
 
 
 def summarize_run(run: RunResult, *, load: float | None = None) -> dict[str, Any]:
-    """One ``runs`` entry of ``summary.json`` (DESIGN section 8), JSON-safe.
+    """One ``runs`` entry of ``summary.json`` (docs/design.md §8), JSON-safe.
 
-    The keys of DESIGN section 8 come first, then extras: ``nodes``, ``p95_jct_s``,
+    The keys of docs/design.md §8 come first, then extras: ``nodes``, ``p95_jct_s``,
     ``sessions_per_min_goodput`` (alpha = 3), ``speedup_vs_real_time`` (simulated_s /
     wall_s), ``retries``, ``cpu_utilization``, ``mean_tool_queue_wait_s``, per-minute
     preemptions and evicted blocks, the remaining request metrics, and ``load``

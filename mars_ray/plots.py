@@ -1,4 +1,4 @@
-"""PNG plots of a bench (DESIGN section 8): goodput vs load, JCT CDFs, system state over time.
+"""PNG plots of a bench (docs/design.md §8): goodput vs load, JCT CDFs, system state over time.
 
 matplotlib is imported inside the functions, with the non-interactive Agg backend, so
 importing this module costs nothing and works without a display.

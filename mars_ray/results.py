@@ -45,7 +45,7 @@ class SessionRecord:
     arrival_s: float
     admitted_s: float | None
     finish_s: float | None  # None: not completed
-    ideal_s: float  # alone on an idle cluster (DESIGN section 2)
+    ideal_s: float  # alone on an idle cluster (docs/design.md §2)
     num_turns: int
     tool_s: float  # tool time as experienced (contention included)
     tool_ideal_s: float

@@ -1,4 +1,4 @@
-"""Sessions, turns and tool calls: the unit of work of an agent (DESIGN section 2)."""
+"""Sessions, turns and tool calls: the unit of work of an agent (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Prometheus metrics of a running deployment (the Ray runtime's ``/metrics``).
 
-Every signal MARS acts on (DESIGN section 4) is exported under the ``mars_`` prefix
+Every signal MARS acts on (docs/design.md §4) is exported under the ``mars_`` prefix
 with its unit in the name. The global scheduler owns one :class:`Telemetry`: GPU
 workers and tool executors report :class:`EngineSnapshot` / :class:`ToolPoolSnapshot`
 each control tick and the scheduler records session outcomes; the ingress serves

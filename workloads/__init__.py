@@ -1,6 +1,6 @@
 """Workloads: the Parquet trace schema, seeded generators and arrival processes.
 
-DESIGN section 7. ``read_trace`` / ``write_trace`` are the file boundary;
+docs/design.md §7. ``read_trace`` / ``write_trace`` are the file boundary;
 ``WORKLOADS`` maps ``swe``, ``agentic``, ``longctx`` and ``chat`` to generators; the
 arrival functions stamp sessions with arrival times. The ``mars-ray trace`` commands
 live in :mod:`mars_ray.workloads.cli` (not imported here, to keep typer and rich out

@@ -1,4 +1,4 @@
-"""Session arrival processes (DESIGN section 7): Poisson at a session rate, or bursts.
+"""Session arrival processes (docs/design.md §7): Poisson at a session rate, or bursts.
 
 Generators leave ``arrival_s = 0``; these functions draw arrival times and
 :func:`assign_arrivals` stamps them onto sessions. Times are seconds from the start

@@ -1,7 +1,7 @@
 """``mars-ray trace``: generate or import a workload trace, or summarise one.
 
 ``mars-ray trace generate --workload swe --sessions 100 --rate 0.1 --out t.parquet``
-writes a Parquet trace (DESIGN section 7); ``mars-ray trace import --format swe-agent
+writes a Parquet trace (docs/design.md §7); ``mars-ray trace import --format swe-agent
 runs/*.traj --out t.parquet`` converts public agent trajectories (``importers.py``);
 ``mars-ray trace inspect t.parquet [--json]`` prints its shape. One ``--seed`` drives
 two independent random streams, one for the sessions and one for their arrivals, so a

@@ -1,4 +1,4 @@
-"""Seeded workload generators (DESIGN section 7): ``swe``, ``agentic``, ``longctx``, ``chat``.
+"""Seeded workload generators (docs/design.md §7): ``swe``, ``agentic``, ``longctx``, ``chat``.
 
 A generator is ``generate(num_sessions, rng, max_context_tokens) -> list[SessionSpec]``
 registered in :data:`WORKLOADS`. It draws everything from ``rng`` (so one seed gives
@@ -9,8 +9,8 @@ total context (the sum of new and output tokens over its turns) within
 that alone overflows is shrunk. The tool call after a session's last turn is
 always empty.
 
-Every parameter below cites the fact it reproduces (``workload-facts.md`` or DESIGN
-section 7) or says that it is an assumption.
+Every parameter below cites the fact it reproduces (``workload-facts.md`` or
+docs/design.md §7) or says that it is an assumption.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _whole(values: FloatArray) -> IntArray:
 # --------------------------------------------------------------------------- tool calls
 
 # Tool calls of at least this long are test runs / builds that burn CPU; shorter ones
-# (read a file, grep, edit) mostly wait on I/O. DESIGN section 1: tool calls "run
+# (read a file, grep, edit) mostly wait on I/O. docs/design.md §1: tool calls "run
 # tests, grep, edit, build"; the CPU share is what couples sessions to the CPU pool.
 LONG_TOOL_S = 10.0
 LONG_TOOL_CPU_FRACTION = (0.70, 0.95)  # assumption: a test run is mostly CPU
@@ -141,7 +141,7 @@ def _split_tool_calls(
     return _ToolCalls(cpu_s, tool_s - cpu_s, names)
 
 
-# "Most under a second" (DESIGN 7); TraceLab's per-call median is 0.3 s. Median 0.25 s,
+# "Most under a second" (docs/design.md §7); TraceLab's per-call median is 0.3 s. Median 0.25 s,
 # sigma 1.0: 92% of quick calls finish within a second, p99 2.6 s.
 QUICK_TOOL_S = LogNormal(median=0.25, sigma=1.0, low=0.01, high=LONG_TOOL_S)
 
@@ -212,17 +212,17 @@ def _check_args(num_sessions: int, max_context_tokens: int) -> None:
 
 # --------------------------------------------------------------------------- swe
 
-# 10-60 turns (DESIGN 7), median 20: above Continuum's SWE-bench mean of 10.9 turns
+# 10-60 turns (docs/design.md §7), median 20: above Continuum's SWE-bench mean of 10.9 turns
 # because OpenHands-style agents "commonly exceed 50 rounds" (workload-facts).
 # Clipping puts ~8% of sessions at 10 turns and ~1% at 60.
 SWE_TURNS = LogNormal(median=20, sigma=0.5, low=10, high=60)
-SWE_FIRST_PROMPT_TOKENS = LogUniform(4_000, 10_000)  # DESIGN 7: a 4-10k-token first prompt
-# Appended observations heavy-tailed around 1k tokens (DESIGN 7): median 1k, p90 3.6k,
+SWE_FIRST_PROMPT_TOKENS = LogUniform(4_000, 10_000)  # docs/design.md §7: 4-10k tokens
+# Appended observations heavy-tailed around 1k tokens (docs/design.md §7): median 1k, p90 3.6k,
 # p99 10k; one observation (a large file or log) is at most 32k or a quarter window.
 SWE_OBSERVATION_TOKENS = LogNormal(median=1_000, sigma=1.0, low=16, high=32_768)
-# 100-600 output tokens (DESIGN 7): a short thought and one action, median 250.
+# 100-600 output tokens (docs/design.md §7): a short thought and one action, median 250.
 SWE_OUTPUT_TOKENS = LogNormal(median=250, sigma=0.4, low=100, high=600)
-# "A few test runs of minutes that burn CPU" (DESIGN 7): 8% of tool calls, ~1.5 per
+# "A few test runs of minutes that burn CPU" (docs/design.md §7): 8% of tool calls, ~1.5 per
 # 20-turn session, ~3 min of tests, in line with ~10 min of wall time for one
 # OpenHands SWE-bench Lite instance (workload-facts). Median 90 s, p10 37 s, p90 220 s.
 SWE_TEST_RUN_PROBABILITY = 0.08
@@ -233,7 +233,7 @@ SWE_TEST_RUN_S = LogNormal(median=90.0, sigma=0.7, low=20.0, high=900.0)
 def generate_swe(
     num_sessions: int, rng: np.random.Generator, max_context_tokens: int
 ) -> list[SessionSpec]:
-    """SWE-bench-like coding-agent sessions (DESIGN section 7)."""
+    """SWE-bench-like coding-agent sessions (docs/design.md §7)."""
     _check_args(num_sessions, max_context_tokens)
     num_turns = _whole(SWE_TURNS.sample(rng, num_sessions))
     size = int(num_turns.sum())
@@ -322,10 +322,10 @@ def generate_agentic(
 
 # --------------------------------------------------------------------------- longctx
 
-# Long-context sessions of 50-120k tokens in all, mixed with short ones (DESIGN 7): the
+# Long-context sessions of 50-120k tokens in all, mixed with short ones (docs/design.md §7): the
 # regime where chunk shrinking and admission matter. The 30% mix is an assumption.
 LONGCTX_LONG_FRACTION = 0.3
-# Total context of a long session (DESIGN 7), scaled down if the window is smaller.
+# Total context of a long session (docs/design.md §7), scaled down if the window is smaller.
 LONGCTX_TOTAL_TOKENS = (50_000, 120_000)
 LONGCTX_LONG_TURNS = (1, 4)  # a large document or repository, then a few questions
 LONGCTX_SHORT_TURNS = (1, 3)
@@ -369,7 +369,7 @@ def generate_longctx(
 # --------------------------------------------------------------------------- chat
 
 # Single-turn requests without tools, to show no regression where agents are absent
-# (DESIGN 7): prompts of 100-4,000 tokens and outputs of 50-800 (median 200).
+# (docs/design.md §7): prompts of 100-4,000 tokens and outputs of 50-800 (median 200).
 CHAT_PROMPT_TOKENS = LogUniform(100, 4_000)
 CHAT_OUTPUT_TOKENS = LogNormal(median=200, sigma=0.7, low=50, high=800)
 

@@ -1,4 +1,4 @@
-"""Importers (DESIGN section 7): public agent trajectories as sessions of the trace schema.
+"""Importers (docs/design.md §7): public agent trajectories as sessions of the trace schema.
 
 Three formats are registered in :data:`IMPORTERS`, each ``importer(paths, options) ->
 ImportedTrace``:

@@ -1,4 +1,4 @@
-"""The Parquet trace format (DESIGN section 7): one row per turn.
+"""The Parquet trace format (docs/design.md §7): one row per turn.
 
 Rows are grouped by session and ordered by turn::
 

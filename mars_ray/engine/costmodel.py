@@ -1,4 +1,4 @@
-"""GPU step-time cost model of the simulated engine (DESIGN section 6).
+"""GPU step-time cost model of the simulated engine (docs/design.md §6).
 
 One continuous-batching step with ``N`` scheduled tokens over ``n`` sequences, decode
 contexts ``c_i`` and prefill chunks ``q_j`` on prior contexts ``p_j`` takes::
@@ -241,7 +241,7 @@ class StepBreakdown(NamedTuple):
 
 
 class CostModel:
-    """Step times of one simulated GPU serving one model (DESIGN section 6).
+    """Step times of one simulated GPU serving one model (docs/design.md §6).
 
     :meth:`step_time_s` is the hot path (the simulator calls it millions of times): plain
     float arithmetic on constants precomputed here. Everything else is convenience.

@@ -1,4 +1,4 @@
-"""Ideal (isolated) times: a turn or session alone on an idle GPU (DESIGN section 2).
+"""Ideal (isolated) times: a turn or session alone on an idle GPU (docs/design.md §2).
 
 These mirror the SimEngine's step sequence for a lone request exactly - prefix
 hit on the previous turns' full blocks, prefill chunks of the full token budget

@@ -1,4 +1,4 @@
-"""Engine-side scheduling of the baselines (DESIGN section 5), in the same stack as MARS."""
+"""Engine-side scheduling of the baselines (docs/design.md §5), in the same stack as MARS."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """MARS's engine-side scheduling: a multi-level feedback queue whose priority order
-is also the preemption (eviction) order, with chunk shrinking (DESIGN section 4).
+is also the preemption (eviction) order, with chunk shrinking (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ class MlfqScheduler(SchedulerPolicy):
       prefill, session arrival, turn arrival): priority order is the eviction
       order, decodes and resuming requests go after fresh prefills of their level,
       and within that the youngest session's turn goes first, so the oldest always
-      progresses. DESIGN's "most KV blocks first" tie-break was dropped after
-      measurement: with KV full it preempts the same long contexts again and again
-      as they re-prefill (livelock; on ``swe`` at saturation it recomputed 5x the
-      tokens FCFS did).
+      progresses. The original "most KV blocks first" tie-break was dropped after
+      measurement (docs/design.md §11): with KV full it preempts the same long
+      contexts again and again as they re-prefill (livelock; on ``swe`` at
+      saturation it recomputed 5x the tokens FCFS did).
     * The engine starts a waiting request only if the KV the running prefills still
       need stays free too (``reserves_prefill_kv``): a started prefill is never
       preempted half-way by a lower-priority newcomer that took its blocks.

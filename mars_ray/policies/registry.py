@@ -1,4 +1,4 @@
-"""Policies by name: MARS, its ablations, and the baselines (DESIGN sections 4-5).
+"""Policies by name: MARS, its ablations, and the baselines (docs/design.md §4, §5).
 
 A policy is a bundle of one strategy per family (scheduler, retention, admission,
 placement); :data:`POLICIES` maps names to bundles. ``get_policy("pkg.mod:SPEC")``

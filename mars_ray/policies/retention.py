@@ -1,4 +1,4 @@
-"""What happens to a session's KV while its tool runs (DESIGN sections 4 and 5)."""
+"""What happens to a session's KV while its tool runs (docs/design.md §4.5 and §5)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ Named by ``distributed_executor_backend`` (the class, or the string
 * KV cache: one full-attention layer spec per model layer (shapes from the served
   model's ``config.json``), and as many blocks as the cost-model profile's GPU holds
   (``CostModel.num_gpu_blocks``) unless ``num_gpu_blocks_override`` is set.
-* A step: the step time the cost model gives for the scheduled batch (DESIGN
-  section 6), times ``sleep_scale``, on a single worker thread that keeps a device
+* A step: the step time the cost model gives for the scheduled batch (docs/design.md
+  §6), times ``sleep_scale``, on a single worker thread that keeps a device
   timeline: a step starts when the previous one ends if requests were left
   unfinished then (a busy engine), else when it is submitted, and its output is
   ready at ``start + step time``; the thread sleeps until then. The engine's own

@@ -1,4 +1,4 @@
-"""Session hints carried in ``SamplingParams.extra_args`` (DESIGN section 10).
+"""Session hints carried in ``SamplingParams.extra_args`` (docs/design.md §10.2).
 
 An agent client marks each LLM call with the session it belongs to::
 

@@ -1,4 +1,4 @@
-"""``MarsScheduler``: MARS inside vLLM 0.29 without a fork (DESIGN sections 4 and 10).
+"""``MarsScheduler``: MARS inside vLLM 0.29 without a fork (docs/design.md §4 and §10.2).
 
 Plug it in with ``scheduler_cls="mars_ray.vllm.scheduler.MarsScheduler"`` (engine
 argument, ``--scheduler-cls``); choose the policy with
