@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv venv-vllm bench test test-vllm lint typecheck check clean
+.PHONY: venv venv-vllm bench test test-base test-vllm lint typecheck check clean
 
 # torch goes in first so that pip takes the CPU build from its find-links (the ray and
 # vllm wheels would otherwise pull a CUDA build).
@@ -38,6 +38,15 @@ test-vllm: $(VLLM_STAMP)
 ## Quick comparison of MARS against the baselines on the embedded defaults (simulated H100).
 bench: $(STAMP)
 	$(BIN)/mars-ray bench --out results/quick
+
+## The serving path (real Ray, Serve, HTTP, `mars-ray serve` with the official openai client)
+## on the base install exactly as `make venv` builds it: the newest FastAPI, Starlette and
+## pydantic that resolve, not the older ones the vLLM extra pins. CI runs it before the
+## vLLM extra goes in; it refuses to run where vLLM is installed (that is not the base).
+test-base: $(STAMP)
+	@$(BIN)/python -c 'import importlib.util as u, sys; sys.exit("error: vllm is installed in $(VENV); test-base needs the base install (make clean venv, or VENV=.venv-base)" if u.find_spec("vllm") else 0)'
+	$(BIN)/python -c 'import fastapi, pydantic, starlette; print(f"base install: fastapi {fastapi.__version__}, starlette {starlette.__version__}, pydantic {pydantic.VERSION}")'
+	$(BIN)/python -m pytest -q tests/ray --ignore=tests/ray/test_vllm_worker.py || { rc=$$?; [ $$rc -ne 5 ] || echo 'error: pytest collected no tests'; exit $$rc; }
 
 ## The full test suite (what CI runs): policy core, simulator, real Ray / Serve runtime,
 ## real vLLM on the CPU. Builds the full environment first.

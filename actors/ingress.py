@@ -16,8 +16,12 @@ With an API key configured, ``/v1/*`` needs ``Authorization: Bearer <key>``
 (401 otherwise). Errors use OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve's class-based view replaces each
+# route method's ``__signature__`` (to inject ``self``), and a replaced signature is not
+# re-evaluated, so string annotations ("Request", the body models) reach FastAPI as bare
+# forward references. FastAPI 0.137+ (what a base install resolves) no longer resolves
+# them there and treats ``request`` as a required query parameter: every route that takes
+# ``request: Request`` answered 400. Real annotation objects work on every version.
 import asyncio
 import json
 import logging
@@ -162,7 +166,7 @@ class _Turn:
     """One turn through a GPU worker, retried on another worker if its worker dies."""
 
     def __init__(
-        self, ingress: Ingress, ask: TurnAsk, grant: TurnGrant, prompt_ids: tuple[int, ...]
+        self, ingress: "Ingress", ask: TurnAsk, grant: TurnGrant, prompt_ids: tuple[int, ...]
     ) -> None:
         self.ingress, self.ask, self.grant = ingress, ask, grant
         self.prompt_ids = prompt_ids  # empty for a simulated engine (it only counts)
