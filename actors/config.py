@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from mars_ray.config import ClusterConfig, EngineConfig, FrozenConfig, validated
 from mars_ray.errors import ConfigError
 from mars_ray.policies.registry import POLICIES, PolicyConfig
+from mars_ray.session import IdleTimeout
 
 API_KEY_ENV = "MARS_API_KEY"
 POLICY_CONFIG_ENV = "MARS_POLICY_CONFIG"
@@ -68,6 +69,37 @@ class DeploymentConfig(FrozenConfig):
         "torch.distributed (sim engines, 2+ GPUs); False: it recomputes the prefix",
     )
     api_key: str | None = Field(None, description="required bearer token; None: open")
+    session_idle_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a session with no turn for this long (the deployment's clock) has "
+        "walked away: its admission slot, held KV and state are released. Longer for a "
+        "session whose own tool calls were long (3x its longest), up to "
+        "session_idle_timeout_max_s. Default: 10 min, the longest a stock coding agent "
+        "lets one tool command run (Claude Code's bash tool cap; SWE-agent and "
+        "mini-swe-agent default to less)",
+    )
+    session_idle_timeout_max_s: float = Field(
+        2400.0, gt=0, description="no session is held idle longer than this"
+    )
+    inferred_session_idle_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="the idle timeout of a session recognised from its conversation (no "
+        "id sent) until its second turn: it may be a one-off request, and holds an "
+        "admission slot while idle. 2 min covers the p99 tool call of the real "
+        "mini-swe-agent trace (34 s) with room",
+    )
+    session_id_headers: tuple[str, ...] = Field(
+        (),
+        description="more request headers that carry a session id, checked after the "
+        "built-in ones (docs/agents.md)",
+    )
+    infer_sessions: bool = Field(
+        True,
+        description="a request with no session id that extends an earlier turn's "
+        "conversation (its messages plus that turn's answer) continues that session",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -78,7 +110,21 @@ class DeploymentConfig(FrozenConfig):
             raise ValueError("vllm_model is given but engine is not 'vllm'")
         if self.vllm_model is not None and self.time_scale != 1.0:
             raise ValueError("a real model runs in real time: time_scale must be 1")
+        for name in ("session_idle_timeout_s", "inferred_session_idle_timeout_s"):
+            if self.session_idle_timeout_max_s < getattr(self, name):
+                raise ValueError(
+                    f"session_idle_timeout_max_s ({self.session_idle_timeout_max_s}) is "
+                    f"below {name} ({getattr(self, name)})"
+                )
         return self
+
+    @property
+    def idle_timeout(self) -> IdleTimeout:
+        return IdleTimeout(
+            self.session_idle_timeout_s,
+            self.session_idle_timeout_max_s,
+            self.inferred_session_idle_timeout_s,
+        )
 
     @property
     def migrates_kv(self) -> bool:

@@ -60,6 +60,13 @@ from .engine_runner import sim_token_id
 from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, TurnWork
 from .names import NAMESPACE, executor_name, worker_name
 from .scheduler import ONE_SHOT_PREFIX, SessionError
+from .session_identity import (
+    IdentityError,
+    answer_bytes,
+    chat_bytes,
+    completion_bytes,
+    resolve_identity,
+)
 from .tokenizer import make_tokenizer, sampled_text
 from .turn_channel import TurnChannel, TurnOp, TurnOutcome
 
@@ -114,6 +121,11 @@ async def _session_error(_: Request, exc: SessionError) -> JSONResponse:
     return _error(exc.status, str(exc), code.get(exc.status, "session_error"))
 
 
+@app.exception_handler(IdentityError)
+async def _identity_error(_: Request, exc: IdentityError) -> JSONResponse:
+    return _error(400, str(exc), "invalid_session_id")
+
+
 @app.exception_handler(MarsError)
 async def _mars_error(_: Request, exc: MarsError) -> JSONResponse:
     return _error(400, str(exc), "invalid_request")
@@ -166,12 +178,22 @@ class _Turn:
     """One turn through a GPU worker, retried on another worker if its worker dies."""
 
     def __init__(
-        self, ingress: "Ingress", ask: TurnAsk, grant: TurnGrant, prompt_ids: tuple[int, ...]
+        self,
+        ingress: "Ingress",
+        ask: TurnAsk,
+        grant: TurnGrant,
+        prompt_ids: tuple[int, ...],
+        answer_kind: str | None = None,
     ) -> None:
         self.ingress, self.ask, self.grant = ingress, ask, grant
         self.prompt_ids = prompt_ids  # empty for a simulated engine (it only counts)
         self.done: TurnDone | None = None
         self.created_s = int(time.time())
+        # An inferred session's answer, as the client will resend it ("chat", "text" or
+        # "ids"; None: the session was named): registered at the turn's end.
+        self.answer_kind = answer_kind
+        self.answer_ids: list[int] = []
+        self.answer_text: list[str] = []
 
     def _work(self) -> TurnWork:
         g, a = self.grant, self.ask
@@ -205,6 +227,7 @@ class _Turn:
                             fresh = list(item.token_ids[max(0, num_sent - item.first_index) :])
                             if fresh:
                                 num_sent += len(fresh)
+                                self.answer_ids += fresh
                                 yield fresh
                         else:
                             self.done = item
@@ -226,6 +249,8 @@ class _Turn:
                     ids, self.done = await worker.run_turn.remote(self._work())
                 except LOST as exc:
                     await self._retry(exc)
+            self.answer_ids = list(ids)
+            self.answer_text = [self.ingress.decode(ids)]
             self._report_end()
             finished = True
             return ids
@@ -257,6 +282,9 @@ class _Turn:
             output_tokens=done.output_tokens,
             ttft_s=done.ttft_s,
             is_last_turn=self.ask.is_last_turn,
+            answer=None
+            if self.answer_kind is None
+            else answer_bytes(self.answer_kind, "".join(self.answer_text), self.answer_ids),
         )
         ended = self.ingress.channel.end(report)
         _background(ended, f"end of turn {report.session_id}/{report.turn_index}")
@@ -278,6 +306,7 @@ class _Turn:
             a.is_last_turn,
             a.expected_tool_s,
             a.tool_s,
+            a.conversation,
         )
 
     @property
@@ -376,6 +405,7 @@ async def _sse(
         )
     async for ids in turn.tokens():
         text = decode(ids)  # chunk by chunk (a real tokenizer may split a character)
+        turn.answer_text.append(text)  # what the client receives, for its next turn
         if kind == "chat":
             yield event({"index": 0, "delta": {"content": text}, "finish_reason": None})
         else:
@@ -588,16 +618,25 @@ class Ingress:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         self._check_key(request)
+        ids: tuple[int, ...] = ()
         if self.tokenizer is None:
-            return await self._generate(body, message_tokens(body.messages), (), "chat", request)
-        ids = self.tokenizer.chat_ids(body.messages)
-        return await self._generate(body, len(ids), tuple(ids), "chat", request)
+            num_prompt = message_tokens(body.messages)
+        else:
+            ids = tuple(self.tokenizer.chat_ids(body.messages))
+            num_prompt = len(ids)
+        return await self._generate(
+            body, num_prompt, ids, "chat", request, lambda: chat_bytes(body.messages), "chat"
+        )
 
     @app.post("/v1/completions", response_model=None)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._check_key(request)
+        answer_kind = "ids" if isinstance(body.prompt, list) else "text"
+        conversation = lambda: completion_bytes(body.prompt)  # noqa: E731
         if self.tokenizer is None:
-            return await self._generate(body, prompt_tokens(body.prompt), (), "text", request)
+            return await self._generate(
+                body, prompt_tokens(body.prompt), (), "text", request, conversation, answer_kind
+            )
         if isinstance(body.prompt, list):
             ids = body.prompt
             vocab = self.tokenizer.vocab_size
@@ -606,10 +645,19 @@ class Ingress:
                 raise ApiError(400, f"prompt token id {bad} is outside [0, {vocab})", "bad_token")
         else:
             ids = self.tokenizer.text_ids(body.prompt)
-        return await self._generate(body, len(ids), tuple(ids), "text", request)
+        return await self._generate(
+            body, len(ids), tuple(ids), "text", request, conversation, answer_kind
+        )
 
     async def _generate(
-        self, body: Any, num_prompt: int, ids: tuple[int, ...], kind: str, request: Request
+        self,
+        body: Any,
+        num_prompt: int,
+        ids: tuple[int, ...],
+        kind: str,
+        request: Request,
+        conversation: Callable[[], bytes],
+        answer_kind: str,
     ) -> Any:
         if body.model is not None and body.model != self.config.model_name:
             raise ApiError(
@@ -627,33 +675,42 @@ class Ingress:
                 f"context of {self.max_context_tokens} tokens",
                 "context_length_exceeded",
             )
-        sid = request.headers.get("x-session-id") or body.session_id
+        identity = resolve_identity(
+            request.headers, body.session_id, body.model_extra or {}, self.config.session_id_headers
+        )
         hints = body.mars
-        one_shot = sid is None
-        sid = sid or f"{ONE_SHOT_PREFIX}{uuid.uuid4().hex[:16]}"
+        sid = identity.session_id
+        inferred = sid is None and self.config.infer_sessions
+        one_shot = sid is None and not inferred
+        if sid is None:
+            prefix = "conv-" if inferred else ONE_SHOT_PREFIX
+            sid = f"{prefix}{uuid.uuid4().hex[:16]}"
         ask = TurnAsk(
             session_id=sid,
             turn_index=hints.turn_index if hints and hints.turn_index is not None else -1,
             prompt_tokens=num_prompt,
             max_output_tokens=max_out,
-            is_last_turn=one_shot or bool(hints and hints.last_turn),
+            is_last_turn=one_shot or identity.last_turn or bool(hints and hints.last_turn),
             expected_tool_s=hints.expected_tool_s if hints else None,
             tool_s=hints.tool_s if hints else None,
+            conversation=conversation() if inferred else None,
         )
         grant = await self._retrying(lambda: self.channel.begin(ask))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        turn = _Turn(self, ask, grant, ids)
+        turn = _Turn(self, ask, grant, ids, answer_kind if inferred else None)
+        # Every response names its session and turn (streams too: headers go first).
+        headers = {"x-session-id": grant.session_id, "x-mars-turn-index": str(grant.turn_index)}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 _sse(turn, rid, kind, self.config.model_name, include_usage, self.decode),
                 media_type="text/event-stream",
-                headers={"x-session-id": sid},
+                headers=headers,
             )
         out_ids = await turn.collect()
         return JSONResponse(
             _full_response(rid, kind, self.config.model_name, turn, out_ids, self.decode),
-            headers={"x-session-id": sid},
+            headers=headers,
         )
 
 

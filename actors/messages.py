@@ -26,6 +26,10 @@ class TurnAsk:
     is_last_turn: bool = False
     expected_tool_s: float | None = None  # the client's estimate of the tool after this turn
     tool_s: float | None = None  # measured duration of the tool before this turn, if known
+    # The request named no session: the canonical form of its prompt (session_identity),
+    # from which the scheduler finds the session it continues; session_id is then only
+    # the id a new session gets.
+    conversation: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,7 @@ class TurnReport:
     output_tokens: int
     ttft_s: float
     is_last_turn: bool
+    answer: bytes | None = None  # an inferred session's answer, canonical (session_identity)
 
     @property
     def context_tokens(self) -> int:
@@ -126,6 +131,7 @@ class SessionSummary:
     jct_s: float
     tool_s: float
     failed_reason: str | None = None
+    expired: bool = False  # ended by the idle timeout (its client never closed it)
 
     @property
     def slowdown(self) -> float:

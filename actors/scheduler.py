@@ -34,6 +34,7 @@ from typing import Any
 import ray
 
 from mars_ray.clock import WallClock
+from mars_ray.conversation_index import ContinuationKey, PrefixIndex
 from mars_ray.engine.costmodel import CostModel, load_profile
 from mars_ray.engine.ideal import isolated_turn_s
 from mars_ray.errors import MarsError
@@ -85,6 +86,11 @@ class _Live:
     turn_ended_s: float | None = None
     pending_tool_s: float | None = None  # measured by the tool pool, for the next turn
     tool_s: float = 0.0
+    longest_tool_s: float = 0.0  # for its idle timeout (IdleTimeout)
+    active_s: float = 0.0  # its last sign of life: opened, a turn ended, a tool reported
+    inferred: bool = False  # recognised from its conversation (the client sent no id)
+    conversation: bytes | None = None  # the running turn's prompt (canonical), if inferred
+    claimed_key: ContinuationKey | None = None  # the key its running turn consumed
     ideal_gpu_s: float = 0.0
     engine_id: int | None = None
     attempt: int = 0
@@ -127,6 +133,10 @@ class GlobalSchedulerImpl:
         self.num_kv_moved_blocks = 0
         self.num_kv_move_failures = 0
         self.num_kv_recomputes = 0  # the migration rule chose recompute over a transfer
+        self.num_sessions_expired = 0
+        self.num_sessions_inferred = 0  # continuations recognised from the conversation
+        self.conversations = PrefixIndex()
+        self.idle_timeout = config.idle_timeout
         self._tick_task: asyncio.Task[None] | None = None
 
     # -- registration ------------------------------------------------------------
@@ -159,7 +169,8 @@ class GlobalSchedulerImpl:
         session_id = session_id or f"sess-{uuid.uuid4().hex[:16]}"
         if session_id in self.sessions:
             raise SessionError(f"session {session_id!r} is already open")
-        self.sessions[session_id] = _Live(session_id, self.now_s())
+        now_s = self.now_s()
+        self.sessions[session_id] = _Live(session_id, now_s, active_s=now_s)
         self.telemetry.session_started()
         return session_id
 
@@ -171,6 +182,8 @@ class GlobalSchedulerImpl:
 
     async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
         """Wait until the turn may run; returns where. Opens unknown sessions."""
+        if ask.conversation is not None:
+            ask = self._claim_conversation(ask)
         if ask.session_id not in self.sessions:
             self.open_session(ask.session_id)
             if ask.turn_index > 0:  # a session from before a scheduler restart
@@ -182,6 +195,8 @@ class GlobalSchedulerImpl:
                 )
                 self.sessions[ask.session_id].num_turns = ask.turn_index
         live = self._session(ask.session_id)
+        if ask.conversation is not None:
+            live.inferred, live.conversation = True, ask.conversation
         if live.turn_in_flight is not None:
             await self._wait_turn_end(live)
         if ask.turn_index < 0:  # "the next one"
@@ -206,6 +221,22 @@ class GlobalSchedulerImpl:
             raise
         self.num_decisions += 1
         return self._grant(live, ask, placement.engine_id)
+
+    def _claim_conversation(self, ask: TurnAsk) -> TurnAsk:
+        """A request without a session id: the session whose last turn (prompt + answer)
+        its prompt extends, if any, takes it; else it opens a new session under the id
+        the ingress proposed. The matched key is consumed (one continuation per turn)."""
+        assert ask.conversation is not None
+        taken = self.conversations.take(ask.conversation)
+        if taken is None:
+            return ask
+        session_id, key = taken
+        live = self.sessions.get(session_id)
+        if live is None or live.closed:
+            return ask
+        live.claimed_key = key
+        self.num_sessions_inferred += 1
+        return dataclasses.replace(ask, session_id=session_id)
 
     async def _wait_turn_end(self, live: _Live) -> None:
         """The ingress reports a turn's end without waiting for the answer, so the next
@@ -234,6 +265,7 @@ class GlobalSchedulerImpl:
             tool_s = now_s - live.turn_ended_s if live.turn_ended_s is not None else 0.0
         live.pending_tool_s = None
         live.tool_s += tool_s
+        live.longest_tool_s = max(live.longest_tool_s, tool_s)
         previous = live.engine_id
         placement = self.cluster.on_tool_finished(live.session_id, tool_s, self._live_loads())
         if previous is not None and previous != placement.engine_id:
@@ -359,7 +391,10 @@ class GlobalSchedulerImpl:
             return
         live.turn_in_flight = None
         live.turn_ended.set()
-        if session_id.startswith(ONE_SHOT_PREFIX):
+        if live.claimed_key is not None:  # the client may retry the same continuation
+            self.conversations.register(session_id, live.claimed_key)
+        live.conversation = live.claimed_key = None
+        if session_id.startswith(ONE_SHOT_PREFIX) or (live.inferred and live.num_turns == 0):
             self.close_session(session_id, failed_reason="client went away")
 
     def end_turn(self, report: TurnReport) -> SessionSummary | None:
@@ -371,7 +406,11 @@ class GlobalSchedulerImpl:
         live.turn_ended.set()
         live.num_turns += 1
         live.context_tokens = report.context_tokens
-        live.turn_ended_s = self.now_s()
+        live.turn_ended_s = live.active_s = self.now_s()
+        if live.conversation is not None and report.answer is not None:
+            key = ContinuationKey.of(live.conversation + report.answer)
+            self.conversations.register(live.session_id, key)
+        live.conversation = live.claimed_key = None
         self.cluster.on_turn_finished(report.session_id, report.service_tokens, report.service_s)
         self.telemetry.turn_finished(report.engine_id, report.ttft_s)
         if report.is_last_turn:
@@ -393,16 +432,27 @@ class GlobalSchedulerImpl:
         """A tool run through the pool (or reported by the agent) took ``tool_s``."""
         live = self._session(session_id)
         live.pending_tool_s = (live.pending_tool_s or 0.0) + tool_s
+        live.longest_tool_s = max(live.longest_tool_s, tool_s)
+        live.active_s = self.now_s()
 
     def close_session(
-        self, session_id: str, failed_reason: str | None = None, *, after_last_turn: bool = False
+        self,
+        session_id: str,
+        failed_reason: str | None = None,
+        *,
+        after_last_turn: bool = False,
+        expired: bool = False,
     ) -> SessionSummary:
         """Close the session (its summary). ``after_last_turn``: its engine ran the last
         turn knowing it was the last, so its retention already decided what stays (as
         in the simulator) and the engine is not called; a session closed mid-way has
-        what its engine keeps for it dropped."""
+        what its engine keeps for it dropped. ``expired``: ended by the idle timeout;
+        it finished when its last turn ended (the idle time is not its job's)."""
         live = self._session(session_id)
+        self.conversations.forget(session_id)
         now_s = self.now_s()
+        if expired and live.turn_ended_s is not None:
+            now_s = live.turn_ended_s
         live.closed = True
         if live.placed is not None and not live.placed.done():
             live.placed.cancel()
@@ -424,14 +474,41 @@ class GlobalSchedulerImpl:
             jct_s=jct_s,
             tool_s=live.tool_s,
             failed_reason=failed_reason,
+            expired=expired,
         )
         self.summaries.append(summary)
-        if failed_reason is None:
-            self.telemetry.session_completed(jct_s, summary.slowdown)
-        else:
+        if expired:
+            self.num_sessions_expired += 1
+            self.telemetry.session_expired()
+            for executor in self.tool_executors.values():  # its sandbox goes too
+                executor.close_session.remote(session_id)
+        if failed_reason is not None:
             self.telemetry.session_failed()
+        elif live.num_turns > 0:  # a session that ran no turn completed nothing
+            self.telemetry.session_completed(jct_s, summary.slowdown)
         del self.sessions[session_id]
         return summary
+
+    def expire_idle_sessions(self) -> list[str]:
+        """End every session idle past its timeout (stock agents never close theirs):
+        its admission slot, held KV and state are released. A turn that arrives later
+        for the same id starts a new session. Returns the ids ended."""
+        now_s = self.now_s()
+        idle = [
+            live.session_id
+            for live in self.sessions.values()
+            if live.turn_in_flight is None
+            and not live.closed
+            and self.idle_timeout.expired(
+                now_s - live.active_s,
+                live.longest_tool_s,
+                confirmed=not live.inferred or live.num_turns >= 2,
+            )
+        ]
+        for session_id in idle:
+            log.info("session %s expired after its idle timeout", session_id)
+            self.close_session(session_id, expired=True)
+        return idle
 
     def _forget(self, engine_id: int, session_id: str) -> None:
         if engine_id in self.alive:
@@ -487,6 +564,7 @@ class GlobalSchedulerImpl:
         await self._poll_tools()
         if not self.alive:
             return
+        self.expire_idle_sessions()
         loads = self._live_loads()
         _, placements = self.cluster.on_tick(self._signals(), self.now_s(), loads)
         self._start_all(placements)
@@ -556,6 +634,10 @@ class GlobalSchedulerImpl:
             "engine_id": live.engine_id,
             "context_tokens": live.context_tokens,
             "phase": "open" if state is None else state.phase.value,
+            "inferred": live.inferred,
+            "idle_timeout_s": self.idle_timeout.timeout_s(
+                live.longest_tool_s, confirmed=not live.inferred or live.num_turns >= 2
+            ),
             "service_tokens": 0 if state is None else state.service_tokens,
             "tool_s": live.tool_s,
         }
@@ -580,6 +662,9 @@ class GlobalSchedulerImpl:
             "num_kv_moved_blocks": self.num_kv_moved_blocks,
             "num_kv_move_failures": self.num_kv_move_failures,
             "num_kv_recomputes": self.num_kv_recomputes,
+            "num_sessions_expired": self.num_sessions_expired,
+            "num_sessions_inferred": self.num_sessions_inferred,
+            "num_conversation_keys": len(self.conversations),
         }
 
 

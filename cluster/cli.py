@@ -47,6 +47,22 @@ def serve_command(
     spread: Annotated[
         bool, typer.Option("--spread", help="spread GPU workers across nodes")
     ] = False,
+    session_idle_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--session-idle-timeout-s",
+            help="end a session with no turn for this long (seconds of the deployment's "
+            "clock; longer for sessions with long tool calls): frees its admission slot "
+            "and KV. Stock agents never close their sessions (docs/agents.md)",
+        ),
+    ] = 600.0,
+    session_id_header: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--session-id-header",
+            help="another request header that carries a session id (repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API with MARS scheduling (foreground; Ctrl-C stops)."""
     from mars_ray.actors.config import deployment_config
@@ -62,6 +78,9 @@ def serve_command(
         "vllm_model": vllm_model,
         "api_key": api_key,
         "placement_strategy": "SPREAD" if spread else "PACK",
+        "session_idle_timeout_s": session_idle_timeout_s,
+        "session_idle_timeout_max_s": max(2400.0, session_idle_timeout_s),
+        "session_id_headers": tuple(session_id_header or ()),
     }
     if vllm_model is not None:
         args["model_name"] = vllm_model

@@ -83,3 +83,38 @@ class ToolHistory:
 
     def predict_s(self) -> float:
         return self.prior_s if self.ema_s is None else self.ema_s
+
+
+IDLE_TOOL_MULTIPLE = 3.0  # a session idle 3x its longest tool call so far has walked away
+
+
+@dataclass(frozen=True, slots=True)
+class IdleTimeout:
+    """When a session that sends no next turn is over (stock agents never say so).
+
+    A session is idle from its last sign of life (opened, a turn ended, a tool reported)
+    while no turn is in flight. It expires after ``base_s``, or after
+    ``IDLE_TOOL_MULTIPLE`` times the longest tool call it has made, whichever is longer,
+    never after more than ``max_s``: a session whose tools run for minutes is given time
+    for the next one, and no client holds its admission slot longer than ``max_s`` by
+    walking away. A session recognised only from its conversation that has not yet
+    continued (it may be a one-off chat request) gets ``unconfirmed_s`` instead.
+    """
+
+    base_s: float
+    max_s: float
+    unconfirmed_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base_s <= self.max_s:
+            raise ValueError(f"need 0 < base_s <= max_s, got {self.base_s}, {self.max_s}")
+        if not 0 < self.unconfirmed_s <= self.max_s:
+            raise ValueError(f"need 0 < unconfirmed_s <= max_s, got {self.unconfirmed_s}")
+
+    def timeout_s(self, longest_tool_s: float, confirmed: bool = True) -> float:
+        if not confirmed:
+            return self.unconfirmed_s
+        return min(self.max_s, max(self.base_s, IDLE_TOOL_MULTIPLE * longest_tool_s))
+
+    def expired(self, idle_s: float, longest_tool_s: float, confirmed: bool = True) -> bool:
+        return idle_s > self.timeout_s(longest_tool_s, confirmed)

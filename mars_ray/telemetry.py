@@ -71,6 +71,11 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("mars_sessions_completed", "counter", "sessions closed after their last turn"),
     MetricSpec("mars_sessions_failed", "counter", "sessions that ended in an error"),
     MetricSpec(
+        "mars_sessions_expired",
+        "counter",
+        "sessions ended by the idle timeout (no turn for session_idle_timeout_s)",
+    ),
+    MetricSpec(
         "mars_sessions_goodput",
         "counter",
         "completed sessions with slowdown <= alpha (goodput = rate / completed rate)",
@@ -214,6 +219,9 @@ class Telemetry:
 
     def session_failed(self) -> None:
         self._counter("mars_sessions_failed").inc()
+
+    def session_expired(self) -> None:
+        self._counter("mars_sessions_expired").inc()
 
     def turn_finished(self, engine_id: int, ttft_s: float) -> None:
         self._counter("mars_turns", str(engine_id)).inc()

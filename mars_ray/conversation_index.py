@@ -1,0 +1,147 @@
+"""Sessions recognised from the conversation itself, for clients that send no id.
+
+A stock agent resends its whole conversation on every call: turn *k*'s prompt is
+turn *k-1*'s prompt, that turn's answer, then the tool's output. So a request
+continues a session exactly when its (canonical) prompt starts with an earlier
+turn's prompt plus that turn's answer. :class:`PrefixIndex` finds, for a new prompt,
+the longest such registered prefix, by hashes only:
+
+* at a turn's end the runtime registers ``prompt + answer`` as the session's
+  *continuation key*: a fingerprint of its first ``FINGERPRINT_BYTES`` bytes (keys
+  shorter than that share one bucket), its length and a digest of the whole (the
+  bytes themselves are not kept);
+* a lookup hashes the new prompt once, incrementally, and takes a digest at every
+  registered length (of its fingerprint's bucket) up to the prompt's own length:
+  O(prompt bytes + registered lengths in the bucket), no quadratic re-hashing.
+
+Each session holds at most one key (its latest turn's), so memory is bounded by the
+live sessions, and by ``max_entries`` beyond that (the least recently registered key
+goes first). A key is *consumed* by the request that matches it: two agents that sent
+the same conversation and got the same answer are two sessions whose next requests
+take one key each, and no two requests continue one turn. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+FINGERPRINT_BYTES = 64  # prompts that share their first 64 bytes share a bucket
+DIGEST_BYTES = 16
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuationKey:
+    """What is kept of a turn's ``prompt + answer``: enough to recognise its extension."""
+
+    fingerprint: bytes
+    num_bytes: int
+    digest: bytes
+
+    @staticmethod
+    def of(data: bytes) -> ContinuationKey:
+        return ContinuationKey(_fingerprint(data, len(data)), len(data), _digest(data))
+
+
+_SHORT = b"short"  # the one bucket of keys shorter than FINGERPRINT_BYTES
+
+
+def _fingerprint(data: bytes, key_bytes: int) -> bytes:
+    """The bucket of a key of ``key_bytes`` bytes that ``data`` starts with."""
+    return _digest(data[:FINGERPRINT_BYTES]) if key_bytes >= FINGERPRINT_BYTES else _SHORT
+
+
+@dataclass(slots=True)
+class _Bucket:
+    lengths: list[int] = field(default_factory=list)  # sorted, distinct
+    by_length: dict[int, dict[bytes, deque[str]]] = field(default_factory=dict)
+
+
+class PrefixIndex:
+    """Continuation keys of live sessions; finds the session a prompt continues."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._buckets: dict[bytes, _Bucket] = {}
+        self._keys: OrderedDict[str, ContinuationKey] = OrderedDict()  # session -> its key
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def register(self, session_id: str, key: ContinuationKey) -> None:
+        """The session's latest turn ended: ``key`` (its prompt + answer) replaces any
+        earlier key of the session."""
+        self.forget(session_id)
+        if len(self._keys) >= self.max_entries:
+            oldest, _ = next(iter(self._keys.items()))
+            self.forget(oldest)
+        self._keys[session_id] = key
+        bucket = self._buckets.setdefault(key.fingerprint, _Bucket())
+        by_digest = bucket.by_length.get(key.num_bytes)
+        if by_digest is None:
+            by_digest = bucket.by_length[key.num_bytes] = {}
+            bisect.insort(bucket.lengths, key.num_bytes)
+        by_digest.setdefault(key.digest, deque()).append(session_id)
+
+    def forget(self, session_id: str) -> ContinuationKey | None:
+        """Drop the session's key (it ended, expired, or its key was consumed)."""
+        key = self._keys.pop(session_id, None)
+        if key is None:
+            return None
+        bucket = self._buckets[key.fingerprint]
+        by_digest = bucket.by_length[key.num_bytes]
+        owners = by_digest[key.digest]
+        owners.remove(session_id)
+        if not owners:
+            del by_digest[key.digest]
+        if not by_digest:
+            del bucket.by_length[key.num_bytes]
+            bucket.lengths.remove(key.num_bytes)
+        if not bucket.lengths:
+            del self._buckets[key.fingerprint]
+        return key
+
+    def find(self, prompt: bytes) -> str | None:
+        """The session whose registered key is the longest prefix of ``prompt`` (and
+        shorter than it: a continuation adds something), without consuming it."""
+        found = None
+        if len(prompt) > FINGERPRINT_BYTES:
+            found = self._find_in(self._buckets.get(_fingerprint(prompt, len(prompt))), prompt)
+        return found or self._find_in(self._buckets.get(_SHORT), prompt)
+
+    @staticmethod
+    def _find_in(bucket: _Bucket | None, prompt: bytes) -> str | None:
+        if bucket is None:
+            return None
+        hasher = hashlib.blake2b(digest_size=DIGEST_BYTES)
+        hashed = 0
+        found: str | None = None
+        end = bisect.bisect_left(bucket.lengths, len(prompt))  # strictly shorter keys
+        for num_bytes in bucket.lengths[:end]:
+            hasher.update(prompt[hashed:num_bytes])
+            hashed = num_bytes
+            owners = bucket.by_length[num_bytes].get(hasher.copy().digest())
+            if owners:
+                found = owners[0]  # the longest match wins: keep going
+        return found
+
+    def take(self, prompt: bytes) -> tuple[str, ContinuationKey] | None:
+        """Find and consume: the matched session's key is removed (its next turn is
+        being claimed) and returned, so that an abandoned claim can be put back."""
+        session_id = self.find(prompt)
+        if session_id is None:
+            return None
+        key = self.forget(session_id)
+        assert key is not None
+        return session_id, key
+
+    def key_of(self, session_id: str) -> ContinuationKey | None:
+        return self._keys.get(session_id)
