@@ -21,11 +21,17 @@ Each kustomization is rendered with ``kubectl kustomize`` (or ``kustomize build`
   refuse to start with a message naming the key;
 * the cluster shape in the serve config matches the worker group, images match
   ``rayVersion`` and the ``ray[llm]`` pin, and the RayJob's entrypoint is a valid
-  ``mars-ray bench`` command line.
+  ``mars-ray bench`` command line;
+* GCS fault tolerance (``k8s/components/gcs-ft``, in both overlays): the RayService's
+  ``gcsFaultToleranceOptions`` name the Redis Service and port of the rendered Redis,
+  its password comes from the same Secret as the Redis server's (never a literal), the
+  rules KubeRay's operator enforces on top of the CRD hold, and Redis keeps its data on
+  a PersistentVolumeClaim without evicting it.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import importlib
@@ -51,8 +57,9 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRDS_ENV = "MARS_KUBERAY_CRDS"
 KUSTOMIZATIONS = {
-    "overlays/gpu": {"ConfigMap", "RayService"},
-    "overlays/cpu-sim": {"ConfigMap", "Secret", "RayService"},
+    # Service + StatefulSet: the Redis of GCS fault tolerance (k8s/components/gcs-ft)
+    "overlays/gpu": {"ConfigMap", "RayService", "Service", "StatefulSet"},
+    "overlays/cpu-sim": {"ConfigMap", "Secret", "RayService", "Service", "StatefulSet"},
     "rayjob": {"RayJob"},
     "monitoring": {"ConfigMap", "PodMonitor", "ServiceMonitor"},
 }
@@ -591,3 +598,164 @@ def test_mars_ray_installs_on_the_python_of_the_image() -> None:
         f"the ray-llm image runs Python {python}, but pyproject.toml says "
         f"requires-python = {requires!r}: pip would refuse to install mars-ray in the image"
     )
+
+
+# -- GCS fault tolerance ---------------------------------------------------------------
+
+# What KubeRay's operator sets itself once gcsFaultToleranceOptions is there, and refuses
+# to find set by hand (ray-operator ValidateRayClusterSpec): in rayStartParams, in the
+# head container's env, and as annotations.
+KUBERAY_OWNED_REDIS_PARAMS = ("redis-password", "redis-username")
+KUBERAY_OWNED_REDIS_ENV = ("REDIS_PASSWORD", "RAY_REDIS_ADDRESS", "REDIS_USERNAME")
+KUBERAY_FT_ANNOTATIONS = ("ray.io/ft-enabled", "ray.io/external-storage-namespace")
+
+
+def _gcs_ft(overlay: str) -> dict[str, Any]:
+    spec = _cluster_spec(_one(overlay, "RayService"))
+    assert "gcsFaultToleranceOptions" in spec, f"{overlay}: no GCS fault tolerance"
+    return spec["gcsFaultToleranceOptions"]
+
+
+def _redis_container(overlay: str) -> dict[str, Any]:
+    containers = _one(overlay, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "one container: redis"
+    return containers[0]
+
+
+def _redis_conf(overlay: str) -> dict[str, str]:
+    """The directives of the redis.conf that the Redis command line loads."""
+    statefulset = _one(overlay, "StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
+    command = " ".join(_redis_container(overlay)["command"])
+    m = re.search(r"redis-server (\S+\.conf)\b", command)
+    assert m, f"redis-server is not started with a config file: {command}"
+    path = m.group(1)
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in _redis_container(overlay)["volumeMounts"]:
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            name = volumes[mount["name"]]["configMap"]["name"]
+            key = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+            configmaps = {c["metadata"]["name"]: c for c in _objects(overlay, "ConfigMap")}
+            text = configmaps[name]["data"][key]
+            break
+    else:
+        raise AssertionError(f"{path} is not mounted from a ConfigMap")
+    directives = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.strip().partition(" ")
+            directives[name.lower()] = value.strip()
+    return directives
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gcs_fault_tolerance_points_at_the_redis_service(overlay: str) -> None:
+    options = _gcs_ft(overlay)
+    assert options.get("backend", "redis") == "redis"
+    # KubeRay names the storage namespace after each RayCluster's UID, so the old and
+    # the new cluster of a NewCluster upgrade never share GCS keys.
+    assert "externalStorageNamespace" not in options
+    assert "storage" not in options, "a RocksDB option: KubeRay refuses it with Redis"
+
+    host, _, port = options["redisAddress"].rpartition(":")
+    services = {s["metadata"]["name"]: s for s in _objects(overlay, "Service")}
+    assert host in services, f"redisAddress {host!r} is not a Service of {overlay}"
+    service = services[host]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+
+    statefulset = _one(overlay, "StatefulSet")
+    template = statefulset["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items(), "the Service misses Redis"
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert statefulset["spec"]["serviceName"] == host
+    assert statefulset["spec"]["replicas"] == 1, "one standalone Redis (one shard)"
+    ports = {p["name"]: p["containerPort"] for p in _redis_container(overlay)["ports"]}
+    target = service_port.get("targetPort", service_port["port"])
+    assert (ports.get(target) if isinstance(target, str) else target) in ports.values()
+    assert int(_redis_conf(overlay)["port"]) == ports.get(target, target)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_redis_password_comes_from_a_secret(overlay: str) -> None:
+    password = _gcs_ft(overlay)["redisPassword"]
+    assert set(password) == {"valueFrom"}, "no plaintext password in the RayService"
+    assert set(password["valueFrom"]) == {"secretKeyRef"}
+    ref = password["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional"), "without the password the head cannot reach Redis"
+
+    # The Redis server takes its password from the same Secret and key.
+    container = _redis_container(overlay)
+    env = {e["name"]: e for e in container["env"]}
+    assert "value" not in env["REDIS_PASSWORD"]
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    assert '--requirepass "$REDIS_PASSWORD"' in " ".join(container["command"])
+    assert "requirepass" not in _redis_conf(overlay), "the password belongs in the Secret"
+
+    secrets = {s["metadata"]["name"]: s for s in _objects(overlay, "Secret")}
+    if overlay == "overlays/gpu":  # created by the operator of the cluster (docs/deploy.md)
+        assert ref["name"] == "mars-ray-redis" and ref["name"] not in secrets
+        return
+    # cpu-sim generates a demo one: its value appears nowhere but in the Secret.
+    assert ref["name"] in secrets, f"{ref['name']} is neither generated nor documented"
+    secret = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+    others = [o for o in _render(overlay) if o["kind"] != "Secret"]
+    assert secret and secret not in yaml.safe_dump(others)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gcs_fault_tolerance_passes_kuberay_admission(overlay: str) -> None:
+    """What KubeRay's operator checks beyond the CRD schema when GCS FT is on."""
+    service = _one(overlay, "RayService")
+    annotations = service["metadata"].get("annotations", {})
+    assert not set(annotations) & set(KUBERAY_FT_ANNOTATIONS), "use gcsFaultToleranceOptions"
+    for role, group in _groups(service):
+        params = group.get("rayStartParams", {})
+        assert not set(params) & set(KUBERAY_OWNED_REDIS_PARAMS), f"{role}: {params}"
+        env = {e["name"] for e in _ray_container(group).get("env", [])}
+        assert not env & set(KUBERAY_OWNED_REDIS_ENV), f"{role}: KubeRay sets {env}"
+        # KubeRay gives the workers a longer GCS reconnect timeout (600 s) than the head
+        # (60 s), so that they outlive a head restart; a value set here would override it.
+        assert "RAY_gcs_rpc_server_reconnect_timeout_s" not in env
+    head = _groups(service)[0][1]
+    # The Serve controller, the mars ingress and the global scheduler go to the head by
+    # its `node:__internal_head__` resource and need no CPU; nothing else should land there.
+    assert head["rayStartParams"].get("num-cpus") == "0"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_keeps_the_gcs_state_on_a_volume(overlay: str) -> None:
+    conf = _redis_conf(overlay)
+    assert conf["appendonly"] == "yes" and conf.get("appendfsync", "everysec") != "no"
+    assert "save" in conf, "snapshots as well as the append-only file"
+    assert conf.get("maxmemory-policy", "noeviction") == "noeviction", "never evict GCS keys"
+
+    statefulset = _one(overlay, "StatefulSet")
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    container = _redis_container(overlay)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == conf["dir"], "Redis writes to the PVC"
+
+    resources = container["resources"]
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+    limit_mib = _quantity(resources["limits"]["memory"].removesuffix("Mi"))
+    maxmemory = conf["maxmemory"].lower()
+    assert maxmemory.endswith("mb") and float(maxmemory[:-2]) < limit_mib, (
+        "maxmemory must stay below the memory limit, or Redis is OOM-killed first"
+    )
+
+
+def test_the_crds_reject_a_misspelled_gcs_option(
+    crd_schemas: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    obj = copy.deepcopy(_one("overlays/gpu", "RayService"))
+    options = obj["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    options["redisPasword"] = options.pop("redisPassword")
+    errors = _schema_errors(obj, crd_schemas[("ray.io/v1", "RayService")])
+    assert any("'redisPasword' was unexpected" in e for e in errors), errors
+    options["redisPassword"] = {"valueFrom": {"secretKeyRef": {"name": "mars-ray-redis"}}}
+    errors = _schema_errors(obj, crd_schemas[("ray.io/v1", "RayService")])
+    assert any("'key' is a required property" in e for e in errors), errors
