@@ -190,6 +190,7 @@ def _counters(url: str, num_gpus: int, span_s: float, time_scale: float) -> RunC
         ),
         num_kv_moves=int(totals.get("kv_migrations_moved", 0)),
         num_kv_moved_blocks=int(totals.get("mars_kv_migrated_blocks_total", 0)),
+        num_sessions_expired=int(totals.get("mars_sessions_expired_total", 0)),
     )
 
 

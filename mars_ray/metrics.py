@@ -262,6 +262,7 @@ def summarize_run(run: RunResult, *, load: float | None = None) -> dict[str, Any
         "reloaded_blocks": c.num_reloaded_blocks,
         "kv_moves": c.num_kv_moves,
         "kv_moved_blocks": c.num_kv_moved_blocks,
+        "sessions_expired": c.num_sessions_expired,
     }
     extra_request = {k: v for k, v in asdict(rm).items() if k not in entry}
     entry.update(extra_request)

@@ -88,6 +88,7 @@ class RunCounters:
     num_retries: int = 0
     num_kv_moves: int = 0  # sessions whose KV followed them to another GPU
     num_kv_moved_blocks: int = 0
+    num_sessions_expired: int = 0  # ended by the idle timeout (Ray runtime: never closed)
 
 
 @dataclass(frozen=True)
