@@ -79,6 +79,34 @@ class AdmissionConfig(FrozenConfig):
     tool_wait_overload_s: float = Field(5.0, ge=0)
     tool_wait_ema_alpha: float = Field(0.2, gt=0, le=1)
     tool_worker_cap_factor: float = Field(1.5, gt=0, description="W <= ceil(f * tool workers)")
+    # Mechanisms of the authors' released admission controller (MARS_preview,
+    # experiments/openhands/run_task_workload.py; docs/design.md §4.2).
+    hysteresis: bool = Field(
+        True,
+        description="overload flags: set at the high marks (kv_decrease_above, "
+        "cpu_overload_ratio / tool_wait_overload_s), cleared only at the low marks",
+    )
+    long_prefill_tokens: int = Field(
+        50_000, ge=0, description="a session whose first prompt exceeds this is long; 0: off"
+    )
+    long_max_in_flight_per_gpu: int = Field(
+        1, ge=0, description="long sessions admitted and still in their first turn"
+    )
+    tail_long_max_in_flight_per_gpu: int = Field(
+        3, ge=0, description="the same when only long sessions are queued (tail mode)"
+    )
+    kv_fit: bool = Field(
+        True,
+        description="admit only sessions whose first prompt fits the KV left below "
+        "kv_decrease_above (less what admitted first turns will still take)",
+    )
+    tail_kv_budget_frac: float = Field(
+        1.0, gt=0, le=1, description="KV fraction long sessions may fill in tail mode"
+    )
+    stale_signal_after_s: float = Field(
+        2.0, gt=0, description="signals older than this are stale: a small fixed window"
+    )
+    stale_window_per_gpu: int = Field(2, ge=1, description="the window while signals are stale")
 
     @model_validator(mode="after")
     def _check(self) -> AdmissionConfig:

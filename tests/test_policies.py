@@ -7,6 +7,7 @@ objects whose token counts the tests set by hand, time is passed explicitly.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import types
@@ -592,6 +593,98 @@ def test_admission_order_by_pressure() -> None:
     assert UnlimitedAdmission().order(waiting) == [a, b, c, d]
 
 
+def test_hysteresis_holds_the_overload_flag_from_the_high_mark_to_the_low_mark() -> None:
+    admission = aimd(window_init_per_gpu=20)
+    assert admission.on_tick(signals(kv=0.87), 0.0).reason == "hold"  # between the marks
+    assert admission.on_tick(signals(kv=0.91), 0.2).reason == "decrease: kv high"  # >= 0.90
+    # Back between the marks: still overloaded, still shrinking (not a hold).
+    decision = admission.on_tick(signals(kv=0.87), 0.4)
+    assert decision.reason == "decrease: kv high" and admission.overloaded == (False, True)
+    assert admission.on_tick(signals(kv=0.84), 0.6).reason == "increase"  # cleared at <= 0.85
+    assert admission.overloaded == (False, False)
+    # CPU: set at 2.0 tools per core, cleared only at 1.0 and a tool delay <= 2 s.
+    admission.on_tick(signals(tools=32), 0.8)
+    assert admission.on_tick(signals(tools=24), 1.0).reason == "decrease: cpu overloaded"
+    assert admission.on_tick(signals(tools=16, wait_s=3.0), 1.2).reason.startswith("decrease")
+    assert admission.on_tick(signals(tools=16, wait_s=1.0), 1.4).reason == "increase"
+
+
+def test_without_hysteresis_overload_is_read_afresh_each_tick() -> None:
+    admission = aimd(window_init_per_gpu=20, hysteresis=False)
+    admission.on_tick(signals(kv=0.91), 0.0)
+    assert admission.on_tick(signals(kv=0.87), 0.2).reason == "hold"
+    assert admission.overloaded == (False, False)
+
+
+def test_long_prefill_gate_admits_one_long_session_per_gpu_until_its_first_turn_ends() -> None:
+    admission = aimd(kv_fit=False)
+    long1, long2 = ticket("l1", 0.0, 60_000), ticket("l2", 1.0, 50_001)
+    short, edge = ticket("s", 2.0, 1_000), ticket("e", 3.0, 50_000)  # 50,000 is not long
+    assert admission.is_long(long2) and not admission.is_long(edge)
+    assert admission.select([long1, long2, short, edge], 10) == [long1, short, edge]
+    short2 = ticket("s2", 4.0, 1_000)
+    assert admission.select([long2, short2], 10) == [short2]  # l1 still in its first turn
+    admission.on_first_turn_done("l1")
+    assert admission.select([long2], 10) == [long2]
+    assert aimd(num_gpus=2, kv_fit=False).select([long1, long2], 10) == [long1, long2]
+    assert aimd(kv_fit=False, long_prefill_tokens=0).select([long1, long2], 10) == [long1, long2]
+
+
+def test_tail_mode_admits_up_to_three_long_sessions_when_only_long_ones_wait() -> None:
+    admission = aimd(kv_fit=False)
+    longs = [ticket(f"l{i}", float(i), 60_000) for i in range(5)]
+    assert admission.select(longs, 10) == longs[:3]
+    admission.on_session_done("l0")  # cancelled or finished: its slot frees too
+    assert admission.select(longs[3:], 10) == longs[3:4]
+
+
+def test_kv_fit_packs_first_prompts_into_the_kv_left_below_the_high_mark() -> None:
+    admission = aimd()
+    # 100k tokens of KV at usage 0.5: 40k left below 0.90.
+    admission.on_tick(ClusterSignals(0.5, 0, 16, 0.0, kv_capacity_tokens=100_000), 0.0)
+    a, b, c = ticket("a", 0.0, 30_000), ticket("b", 1.0, 20_000), ticket("c", 2.0, 5_000)
+    assert admission.select([a, b, c], 10) == [a, c]  # b does not fit after a; c does
+    # Admitted first prompts count until their first turn ends (the engines'
+    # figures do not hold them yet): 5k left.
+    assert admission.select([b], 10) == []
+    admission.on_first_turn_done("a")
+    assert admission.select([b], 10) == [b]
+    # Unknown capacity (a runtime that does not report it): no packing.
+    blind = aimd()
+    blind.on_tick(signals(kv=0.89), 0.0)
+    assert blind.select([a, b, c], 10) == [c, b, a]  # KV pressure: shortest first
+    assert aimd(kv_fit=False).select([a, b, c], 2) == [a, b]
+
+
+def test_stale_signals_fall_back_to_a_small_fixed_window() -> None:
+    admission = aimd(num_gpus=2, kv_fit=False)
+    fresh = ClusterSignals(0.5, 0, 64, 0.0, observed_s=9.0)
+    assert admission.on_tick(fresh, 10.0).window == 60  # 1 s old: fresh
+    decision = admission.on_tick(ClusterSignals(0.5, 0, 64, 0.0, observed_s=7.9), 10.0)
+    assert decision.window == 4 and decision.reason == "stale signals"  # 2 per GPU
+    assert (
+        admission.select([ticket("l", 0.0, 60_000), ticket("s", 1.0, 10)], 4)[0].session_id == "s"
+    )
+    assert len(admission.select([ticket("l2", 0.0, 60_000)], 4)) == 0  # no long session
+    assert admission.on_tick(fresh, 10.0).window == 60  # fresh again: the window is back
+    trusting = aimd(stale_signal_after_s=math.inf)
+    assert trusting.on_tick(ClusterSignals(0.5, 0, 32, 0.0, observed_s=0.0), 1e6).window == 30
+
+
+def test_cluster_scheduler_tells_admission_when_a_first_turn_ends() -> None:
+    spec = POLICIES.get("mars")
+    cluster = ClusterScheduler(spec, PolicyConfig(), 1, random.Random(0))
+    engines = [EngineLoad(0, 0, 0.5, 0, 0)]
+    cluster.on_tick([ClusterSignals(0.5, 0, 16, 0.0, kv_capacity_tokens=100_000)], 0.0, engines)
+    assert len(cluster.on_session_arrival(ticket("a", 0.0, 30_000), 0.0, engines)) == 1
+    assert cluster.on_session_arrival(ticket("b", 0.1, 20_000), 0.1, engines) == []  # no room
+    cluster.on_turn_finished("a", 30_000, 1.0)
+    _, started = cluster.on_tick(
+        [ClusterSignals(0.5, 0, 16, 0.0, kv_capacity_tokens=100_000)], 0.2, engines
+    )
+    assert [p.session_id for p in started] == ["b"]
+
+
 # --------------------------------------------------------------------------- retention
 
 
@@ -862,6 +955,10 @@ EXPECTED_POLICIES = {
     "mars-no-admission",
     "mars-no-reserve",
     "mars-no-shrink",
+    "mars-no-hysteresis",
+    "mars-no-long-gate",
+    "mars-no-kv-fit",
+    "mars-no-stale-guard",
     "mars-no-unified-eviction",
     "mars-local",
     "fcfs",

@@ -233,6 +233,11 @@ class ClusterSignals:
     num_tool_workers: int  # CPU cores of the tool pool
     tool_wait_ema_s: float  # EMA of tool delay beyond its uncontended time
     cpu_utilization: float = 0.0
+    #: KV capacity of the scope's engines, tokens (0: unknown; admission then packs
+    #: no session by its KV, as the authors' controller without block statistics)
+    kv_capacity_tokens: int = 0
+    #: when the engines' figures were measured, on the policy clock (None: now)
+    observed_s: float | None = None
 
     @property
     def tool_load_ratio(self) -> float:
@@ -277,6 +282,18 @@ class AdmissionPolicy(ABC):
     @abstractmethod
     def order(self, waiting: Sequence[SessionTicket]) -> list[SessionTicket]:
         """Waiting sessions in the order they should be admitted."""
+
+    def select(self, waiting: Sequence[SessionTicket], free_slots: int) -> list[SessionTicket]:
+        """The sessions to admit now, given ``free_slots`` open in the window (at most
+        that many). Default: the first ``free_slots`` in :meth:`order`."""
+        return self.order(waiting)[: max(0, free_slots)]
+
+    def on_first_turn_done(self, session_id: str) -> None:  # noqa: B027 - optional hook
+        """The admitted session's first turn ended: its first prompt's KV is in the
+        engines' own figures now."""
+
+    def on_session_done(self, session_id: str) -> None:  # noqa: B027 - optional hook
+        """The admitted session finished or was cancelled."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,14 +63,24 @@ class ToolPoolLoad:
     wait_ema_s: float
 
 
-def scope_signals(kv_usages: Sequence[float], pools: Sequence[ToolPoolLoad]) -> ClusterSignals:
+def scope_signals(
+    kv_usages: Sequence[float],
+    pools: Sequence[ToolPoolLoad],
+    *,
+    kv_capacity_tokens: int = 0,
+    observed_s: float | None = None,
+) -> ClusterSignals:
     """The signals of one admission scope: mean KV usage over its engines, tool load
-    summed over its nodes' pools (the simulator and the Ray scheduler both use this)."""
+    summed over its nodes' pools (the simulator, the vLLM bench and the Ray scheduler
+    all use this). ``kv_capacity_tokens`` is the scope's KV in tokens (0: unknown),
+    ``observed_s`` when the engines were polled (None: just now)."""
     return ClusterSignals(
         kv_usage=sum(kv_usages) / len(kv_usages) if kv_usages else 0.0,
         num_tools_in_flight=sum(p.num_in_flight for p in pools),
         num_tool_workers=sum(p.num_workers for p in pools),
         tool_wait_ema_s=sum(p.wait_ema_s for p in pools) / len(pools) if pools else 0.0,
+        kv_capacity_tokens=kv_capacity_tokens,
+        observed_s=observed_s,
     )
 
 
@@ -125,6 +135,8 @@ class ClusterScheduler:
         state = self.sessions[session_id]
         state.service_tokens += service_tokens
         state.service_s += service_s
+        if state.next_turn == 0:
+            self.admissions[state.scope].on_first_turn_done(session_id)
         state.next_turn += 1
 
     def on_tool_finished(
@@ -191,6 +203,7 @@ class ClusterScheduler:
             raise ValueError(f"session {session_id!r} finished while {state.phase.value}")
         state.phase = SessionPhase.DONE
         self._num_active[state.scope] -= 1
+        self.admissions[state.scope].on_session_done(session_id)
         return self._admit(state.scope, now_s, engines)
 
     def on_session_cancelled(
@@ -233,7 +246,7 @@ class ClusterScheduler:
         if free <= 0:
             return []
         started = []
-        for ticket in self.admissions[scope].order(list(queued.values()))[:free]:
+        for ticket in self.admissions[scope].select(list(queued.values()), free):
             del queued[ticket.session_id]
             started.append(self._start(ticket.session_id, now_s, engines))
         return started

@@ -7,10 +7,11 @@ loads an out-of-tree :class:`PolicySpec`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -65,11 +66,17 @@ class PolicySpec:
     aimd_admission: bool = False
     placement: Literal["kv-affine", "power-of-two"] = "kv-affine"
     admission_scope: Literal["global", "engine"] = "global"
+    #: admission settings this policy overrides (an ablation turns a mechanism off)
+    admission_overrides: tuple[tuple[str, Any], ...] = ()
 
     def make_admission(self, config: PolicyConfig, num_gpus: int) -> AdmissionPolicy:
-        if self.aimd_admission:
-            return AimdAdmission(config.admission, num_gpus)
-        return UnlimitedAdmission()
+        if not self.aimd_admission:
+            return UnlimitedAdmission()
+        admission = config.admission
+        if self.admission_overrides:
+            values = admission.model_dump() | dict(self.admission_overrides)
+            admission = AdmissionConfig.model_validate(values)
+        return AimdAdmission(admission, num_gpus)
 
     def make_migration(
         self, config: PolicyConfig, kv_bytes_per_token: int
@@ -147,6 +154,29 @@ _add(
         aimd_admission=True,
     )
 )
+for _name, _summary, _overrides in (
+    (
+        "mars-no-hysteresis",
+        "MARS with overload read afresh each tick (no hysteresis)",
+        (("hysteresis", False),),
+    ),
+    ("mars-no-long-gate", "MARS without the long-prefill gate", (("long_prefill_tokens", 0),)),
+    (
+        "mars-no-kv-fit",
+        "MARS admitting without packing first prompts into free KV",
+        (("kv_fit", False),),
+    ),
+    (
+        "mars-no-stale-guard",
+        "MARS trusting signals of any age",
+        (("stale_signal_after_s", math.inf),),
+    ),
+):
+    _add(
+        PolicySpec(
+            _name, _summary, _mars(), _benefit, aimd_admission=True, admission_overrides=_overrides
+        )
+    )
 _add(
     PolicySpec(
         "mars-local",

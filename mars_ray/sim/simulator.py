@@ -41,7 +41,9 @@ TIMESERIES_COLUMNS = (
     "num_running",
     "num_waiting",
     "num_queued_sessions",
+    "num_active_sessions",
     "num_tools_in_flight",
+    "gpu_busy_frac",
 )
 
 
@@ -118,6 +120,7 @@ class ClusterSim:
         self._num_done = 0
         self._timeseries = TimeSeries([], {c: [] for c in TIMESERIES_COLUMNS})
         self._tool_calls = itertools.count()
+        self._busy_s_at_sample = 0.0  # engines' summed busy time at the last sample
 
     # -- event loop -------------------------------------------------------------
     def _push(self, t_s: float, handler: Callable[..., None], *args: Any) -> None:
@@ -291,13 +294,20 @@ class ClusterSim:
     # -- control and sampling -------------------------------------------------------
     def _signals(self) -> list[ClusterSignals]:
         if not self.scheduler.per_engine_admission:
-            return [self._pool_signals(self.pools, [e.pool.usage for e in self.engines])]
-        return [self._pool_signals([self.pools[e.node_id]], [e.pool.usage]) for e in self.engines]
+            return [self._pool_signals(self.pools, self.engines)]
+        return [self._pool_signals([self.pools[e.node_id]], [e]) for e in self.engines]
 
-    @staticmethod
-    def _pool_signals(pools: Sequence[ToolPool], kv_usages: Sequence[float]) -> ClusterSignals:
+    def _pool_signals(
+        self, pools: Sequence[ToolPool], engines: Sequence[SimEngine]
+    ) -> ClusterSignals:
         loads = [ToolPoolLoad(p.num_in_flight, p.num_cores, p.wait_ema_s) for p in pools]
-        return scope_signals(kv_usages, loads)
+        block_tokens = self._engine_config.block_size
+        return scope_signals(
+            [e.pool.usage for e in engines],
+            loads,
+            kv_capacity_tokens=sum(e.pool.num_blocks for e in engines) * block_tokens,
+            observed_s=self.now_s,
+        )
 
     def _on_tick(self) -> None:
         _, placements = self.scheduler.on_tick(self._signals(), self.now_s, self._loads())
@@ -321,7 +331,15 @@ class ClusterSim:
         cols["num_running"].append(sum(len(e.running) for e in engines))
         cols["num_waiting"].append(sum(len(e.waiting) for e in engines))
         cols["num_queued_sessions"].append(self.scheduler.num_queued())
+        cols["num_active_sessions"].append(self.scheduler.num_active())
         cols["num_tools_in_flight"].append(sum(p.num_in_flight for p in self.pools))
+        # busy time is booked when a step completes, so one sample may carry a
+        # multi-step decode run that began in the period before (smooth over a few)
+        busy_s = sum(e.stats.busy_s for e in engines)
+        cols["gpu_busy_frac"].append(
+            (busy_s - self._busy_s_at_sample) / (self._sample_period_s * len(engines))
+        )
+        self._busy_s_at_sample = busy_s
         self._push(self.now_s + self._sample_period_s, self._on_sample)
 
     # -- results ----------------------------------------------------------------------
