@@ -31,7 +31,13 @@ from mars_ray.policies import (
 )
 from mars_ray.policies.admission import AimdAdmission, UnlimitedAdmission
 from mars_ray.policies.baselines import FcfsScheduler, PlasScheduler, ProgramFcfsScheduler
-from mars_ray.policies.cluster import ClusterScheduler, Placement, SessionPhase
+from mars_ray.policies.cluster import (
+    ClusterScheduler,
+    Placement,
+    SessionPhase,
+    ToolPoolLoad,
+    scope_signals,
+)
 from mars_ray.policies.migration import KvMigrationRule
 from mars_ray.policies.mlfq import MlfqScheduler, MlfqState
 from mars_ray.policies.placement import KvAffinePlacement, PowerOfTwoPlacement
@@ -683,6 +689,15 @@ def test_cluster_scheduler_tells_admission_when_a_first_turn_ends() -> None:
         [ClusterSignals(0.5, 0, 16, 0.0, kv_capacity_tokens=100_000)], 0.2, engines
     )
     assert [p.session_id for p in started] == ["b"]
+
+
+def test_scope_signals_read_the_kv_working_set_of_each_engine() -> None:
+    pools = [ToolPoolLoad(3, 16, 1.0)]
+    loads = [EngineLoad(0, 0, 0.5, 0, 0, kv_demand=0.9), EngineLoad(1, 0, 0.7, 0, 0)]
+    signals = scope_signals(loads, pools, kv_capacity_tokens=1000, observed_s=4.0)
+    assert signals.kv_usage == pytest.approx((0.9 + 0.7) / 2)  # working set, usage as floor
+    assert (signals.kv_capacity_tokens, signals.observed_s) == (1000, 4.0)
+    assert scope_signals([0.25], pools).kv_usage == 0.25  # a float is taken as given
 
 
 # --------------------------------------------------------------------------- retention

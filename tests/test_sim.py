@@ -431,3 +431,34 @@ def test_without_migration_or_over_a_slow_link_the_context_is_recomputed(
         # Back on GPU 0, which still caches turn 0's context but not turn 1's.
         assert third.cached_tokens == 3184 and third.recomputed_tokens == 615
         assert late_s > 0.1  # re-prefilling 3k+ tokens twice
+
+
+def test_admission_reads_the_kv_working_set_in_the_simulator() -> None:
+    """docs/design.md §4.1: admission's KV signal is the working set (held blocks plus
+    blocks kept for sessions expected back), not vLLM's plain usage; with LRU retention
+    the two differ while sessions sit in tools, and the signal must follow the former."""
+    sim = ClusterSim(
+        swe_sessions(),
+        "mars-no-unified-eviction",
+        cluster=SATURATION_CLUSTER,
+        engine=SATURATION_ENGINE,
+        policy_config=PolicyConfig(),
+    )
+    gaps = []
+    original = sim._on_tick
+
+    def check() -> None:
+        (signals,) = sim._signals()
+        demand = sum(e.kv_demand for e in sim.engines) / len(sim.engines)
+        usage = sum(e.pool.usage for e in sim.engines) / len(sim.engines)
+        assert signals.kv_usage == pytest.approx(demand)
+        assert signals.kv_capacity_tokens == sum(
+            e.pool.num_blocks * SATURATION_ENGINE.block_size for e in sim.engines
+        )
+        assert signals.observed_s == sim.now_s
+        gaps.append(demand - usage)
+        original()
+
+    sim._on_tick = check  # type: ignore[method-assign]
+    sim.run(horizon_s=120.0)
+    assert max(gaps) > 0.05  # the two signals did differ, so the test can tell them apart

@@ -312,9 +312,16 @@ class EngineLoad:
     load_score: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        kv = max(self.kv_usage, self.kv_demand)
+        kv = self.kv_working_set
         score = (self.num_running + 2.0 * self.num_waiting + 64.0 * kv) / (self.capacity_weight)
         object.__setattr__(self, "load_score", score)  # frozen: the dataclass idiom
+
+    @property
+    def kv_working_set(self) -> float:
+        """The KV signal admission and placement read (docs/design.md §4.1): the
+        working set where the engine reports one, never below plain usage (an engine
+        that reports no working set, vLLM's, gives its usage with pins counted)."""
+        return max(self.kv_usage, self.kv_demand)
 
 
 class PlacementPolicy(ABC):

@@ -64,18 +64,20 @@ class ToolPoolLoad:
 
 
 def scope_signals(
-    kv_usages: Sequence[float],
+    engines: Sequence[EngineLoad | float],
     pools: Sequence[ToolPoolLoad],
     *,
     kv_capacity_tokens: int = 0,
     observed_s: float | None = None,
 ) -> ClusterSignals:
-    """The signals of one admission scope: mean KV usage over its engines, tool load
-    summed over its nodes' pools (the simulator, the vLLM bench and the Ray scheduler
-    all use this). ``kv_capacity_tokens`` is the scope's KV in tokens (0: unknown),
-    ``observed_s`` when the engines were polled (None: just now)."""
+    """The signals of one admission scope (the simulator, the vLLM bench and the Ray
+    scheduler all build them here): the mean KV working set of its engines
+    (:attr:`EngineLoad.kv_working_set`; a bare float is taken as that figure), tool
+    load summed over its nodes' pools. ``kv_capacity_tokens`` is the scope's KV in
+    tokens (0: unknown), ``observed_s`` when the engines were polled (None: now)."""
+    kvs = [e if isinstance(e, float | int) else e.kv_working_set for e in engines]
     return ClusterSignals(
-        kv_usage=sum(kv_usages) / len(kv_usages) if kv_usages else 0.0,
+        kv_usage=sum(kvs) / len(kvs) if kvs else 0.0,
         num_tools_in_flight=sum(p.num_in_flight for p in pools),
         num_tool_workers=sum(p.num_workers for p in pools),
         tool_wait_ema_s=sum(p.wait_ema_s for p in pools) / len(pools) if pools else 0.0,

@@ -303,7 +303,7 @@ class ClusterSim:
         loads = [ToolPoolLoad(p.num_in_flight, p.num_cores, p.wait_ema_s) for p in pools]
         block_tokens = self._engine_config.block_size
         return scope_signals(
-            [e.pool.usage for e in engines],
+            [e.load() for e in engines],  # KV working set (SimEngine.kv_demand)
             loads,
             kv_capacity_tokens=sum(e.pool.num_blocks for e in engines) * block_tokens,
             observed_s=self.now_s,

@@ -383,6 +383,7 @@ class _Driver:
             for i, s in enumerate(sessions)
         }
         self._vocab_size = cost.profile.model.vocab_size
+        self._kv_capacity_tokens = num_kv_blocks(cost, engine) * engine.block_size  # per engine
         self._tick_s = policy_config.admission.tick_s
         self._wait_alpha = policy_config.admission.tool_wait_ema_alpha
         self._time_scale = time_scale
@@ -474,20 +475,23 @@ class _Driver:
         self._at("sample", index + 1.0, self._on_sample, index + 1)  # every simulated second
 
     def _loads(self) -> list[EngineLoad]:
+        # vLLM reports no working set: its usage counts the KV MARS pins through tool
+        # calls, which is MARS's working set (as actors/vllm_runner.py reports it)
         per_node = self.cluster.gpus_per_node
         return [
-            EngineLoad(i, i // per_node, b.kv_usage, b.num_running, b.num_waiting)
+            EngineLoad(
+                i, i // per_node, b.kv_usage, b.num_running, b.num_waiting, kv_demand=b.kv_usage
+            )
             for i, b in enumerate(self.boards)
         ]
 
     def _signals(self) -> list[ClusterSignals]:
         pools = [n.pool for n in self.nodes]
+        loads, cap = self._loads(), self._kv_capacity_tokens
         if not self.scheduler.per_engine_admission:
-            return [_pool_signals(pools, [b.kv_usage for b in self.boards])]
+            return [_pool_signals(pools, loads, cap * len(loads))]
         per_node = self.cluster.gpus_per_node
-        return [
-            _pool_signals([pools[i // per_node]], [b.kv_usage]) for i, b in enumerate(self.boards)
-        ]
+        return [_pool_signals([pools[i // per_node]], [load], cap) for i, load in enumerate(loads)]
 
     # -- one session -------------------------------------------------------------
     async def _session(self, session_id: str, engine_id: int) -> None:
@@ -615,10 +619,12 @@ class _Driver:
         return records
 
 
-def _pool_signals(pools: Sequence[ToolPool], kv_usages: Sequence[float]) -> ClusterSignals:
+def _pool_signals(
+    pools: Sequence[ToolPool], engines: Sequence[EngineLoad], kv_capacity_tokens: int
+) -> ClusterSignals:
     """The simulator's signal aggregation (one place: ``scope_signals``)."""
     loads = [ToolPoolLoad(p.num_in_flight, p.num_cores, p.wait_ema_s) for p in pools]
-    return scope_signals(kv_usages, loads)
+    return scope_signals(engines, loads, kv_capacity_tokens=kv_capacity_tokens)
 
 
 # --------------------------------------------------------------------------- entry points
