@@ -90,7 +90,7 @@ class _Live:
     active_s: float = 0.0  # its last sign of life: opened, a turn ended, a tool reported
     inferred: bool = False  # recognised from its conversation (the client sent no id)
     conversation: bytes | None = None  # the running turn's prompt (canonical), if inferred
-    claimed_key: ContinuationKey | None = None  # the key its running turn consumed
+    claimed_keys: tuple[ContinuationKey, ...] = ()  # the keys its running turn consumed
     ideal_gpu_s: float = 0.0
     engine_id: int | None = None
     attempt: int = 0
@@ -230,11 +230,11 @@ class GlobalSchedulerImpl:
         taken = self.conversations.take(ask.conversation)
         if taken is None:
             return ask
-        session_id, key = taken
+        session_id, keys = taken
         live = self.sessions.get(session_id)
         if live is None or live.closed:
             return ask
-        live.claimed_key = key
+        live.claimed_keys = keys
         self.num_sessions_inferred += 1
         return dataclasses.replace(ask, session_id=session_id)
 
@@ -391,9 +391,9 @@ class GlobalSchedulerImpl:
             return
         live.turn_in_flight = None
         live.turn_ended.set()
-        if live.claimed_key is not None:  # the client may retry the same continuation
-            self.conversations.register(session_id, live.claimed_key)
-        live.conversation = live.claimed_key = None
+        if live.claimed_keys:  # the client may retry the same continuation
+            self.conversations.register(session_id, *live.claimed_keys)
+        live.conversation, live.claimed_keys = None, ()
         if session_id.startswith(ONE_SHOT_PREFIX) or (live.inferred and live.num_turns == 0):
             self.close_session(session_id, failed_reason="client went away")
 
@@ -408,9 +408,12 @@ class GlobalSchedulerImpl:
         live.context_tokens = report.context_tokens
         live.turn_ended_s = live.active_s = self.now_s()
         if live.conversation is not None and report.answer is not None:
-            key = ContinuationKey.of(live.conversation + report.answer)
-            self.conversations.register(live.session_id, key)
-        live.conversation = live.claimed_key = None
+            self.conversations.register(
+                live.session_id,
+                ContinuationKey.of(live.conversation + report.answer),
+                ContinuationKey.of(live.conversation),
+            )
+        live.conversation, live.claimed_keys = None, ()
         self.cluster.on_turn_finished(report.session_id, report.service_tokens, report.service_s)
         self.telemetry.turn_finished(report.engine_id, report.ttft_s)
         if report.is_last_turn:

@@ -14,11 +14,12 @@ the longest such registered prefix, by hashes only:
   registered length (of its fingerprint's bucket) up to the prompt's own length:
   O(prompt bytes + registered lengths in the bucket), no quadratic re-hashing.
 
-Each session holds at most one key (its latest turn's), so memory is bounded by the
-live sessions, and by ``max_entries`` beyond that (the least recently registered key
-goes first). A key is *consumed* by the request that matches it: two agents that sent
-the same conversation and got the same answer are two sessions whose next requests
-take one key each, and no two requests continue one turn. Pure: no I/O, no clock.
+Each session holds only its latest turn's keys (two: with and without the answer, see
+:meth:`PrefixIndex.register`), so memory is bounded by the live sessions, and by
+``max_entries`` beyond that (the least recently registered session goes first). Keys
+are *consumed* by the request that matches them: two agents that sent the same
+conversation and got the same answer are two sessions whose next requests take one
+session each, and no two requests continue one turn. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -69,45 +70,47 @@ class PrefixIndex:
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.max_entries = max_entries
+        self.max_entries = max_entries  # sessions with keys
         self._buckets: dict[bytes, _Bucket] = {}
-        self._keys: OrderedDict[str, ContinuationKey] = OrderedDict()  # session -> its key
+        # session -> its keys (its latest turn's), least recently registered first
+        self._keys: OrderedDict[str, tuple[ContinuationKey, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def register(self, session_id: str, key: ContinuationKey) -> None:
-        """The session's latest turn ended: ``key`` (its prompt + answer) replaces any
-        earlier key of the session."""
+    def register(self, session_id: str, *keys: ContinuationKey) -> None:
+        """The session's latest turn ended: ``keys`` replace any earlier ones. The
+        runtime registers the prompt + answer (what an agent that echoes its answers
+        resends) and the prompt alone (an agent that drops an answer it could not use,
+        as mini-swe-agent does on a format error, resends that plus its complaint)."""
         self.forget(session_id)
         if len(self._keys) >= self.max_entries:
-            oldest, _ = next(iter(self._keys.items()))
-            self.forget(oldest)
-        self._keys[session_id] = key
-        bucket = self._buckets.setdefault(key.fingerprint, _Bucket())
-        by_digest = bucket.by_length.get(key.num_bytes)
-        if by_digest is None:
-            by_digest = bucket.by_length[key.num_bytes] = {}
-            bisect.insort(bucket.lengths, key.num_bytes)
-        by_digest.setdefault(key.digest, deque()).append(session_id)
+            self.forget(next(iter(self._keys)))
+        self._keys[session_id] = keys
+        for key in keys:
+            bucket = self._buckets.setdefault(key.fingerprint, _Bucket())
+            by_digest = bucket.by_length.get(key.num_bytes)
+            if by_digest is None:
+                by_digest = bucket.by_length[key.num_bytes] = {}
+                bisect.insort(bucket.lengths, key.num_bytes)
+            by_digest.setdefault(key.digest, deque()).append(session_id)
 
-    def forget(self, session_id: str) -> ContinuationKey | None:
-        """Drop the session's key (it ended, expired, or its key was consumed)."""
-        key = self._keys.pop(session_id, None)
-        if key is None:
-            return None
-        bucket = self._buckets[key.fingerprint]
-        by_digest = bucket.by_length[key.num_bytes]
-        owners = by_digest[key.digest]
-        owners.remove(session_id)
-        if not owners:
-            del by_digest[key.digest]
-        if not by_digest:
-            del bucket.by_length[key.num_bytes]
-            bucket.lengths.remove(key.num_bytes)
-        if not bucket.lengths:
-            del self._buckets[key.fingerprint]
-        return key
+    def forget(self, session_id: str) -> tuple[ContinuationKey, ...]:
+        """Drop the session's keys (it ended, expired, or a continuation claimed them)."""
+        keys = self._keys.pop(session_id, ())
+        for key in keys:
+            bucket = self._buckets[key.fingerprint]
+            by_digest = bucket.by_length[key.num_bytes]
+            owners = by_digest[key.digest]
+            owners.remove(session_id)
+            if not owners:
+                del by_digest[key.digest]
+            if not by_digest:
+                del bucket.by_length[key.num_bytes]
+                bucket.lengths.remove(key.num_bytes)
+            if not bucket.lengths:
+                del self._buckets[key.fingerprint]
+        return keys
 
     def find(self, prompt: bytes) -> str | None:
         """The session whose registered key is the longest prefix of ``prompt`` (and
@@ -133,15 +136,13 @@ class PrefixIndex:
                 found = owners[0]  # the longest match wins: keep going
         return found
 
-    def take(self, prompt: bytes) -> tuple[str, ContinuationKey] | None:
-        """Find and consume: the matched session's key is removed (its next turn is
+    def take(self, prompt: bytes) -> tuple[str, tuple[ContinuationKey, ...]] | None:
+        """Find and consume: the matched session's keys are removed (its next turn is
         being claimed) and returned, so that an abandoned claim can be put back."""
         session_id = self.find(prompt)
         if session_id is None:
             return None
-        key = self.forget(session_id)
-        assert key is not None
-        return session_id, key
+        return session_id, self.forget(session_id)
 
-    def key_of(self, session_id: str) -> ContinuationKey | None:
-        return self._keys.get(session_id)
+    def keys_of(self, session_id: str) -> tuple[ContinuationKey, ...]:
+        return self._keys.get(session_id, ())

@@ -122,7 +122,7 @@ def test_index_finds_the_longest_registered_prefix_and_consumes_it() -> None:
     taken = index.take(base + b"-a1-x")
     assert taken is not None and taken[0] == "a"
     assert index.find(base + b"-a1-x") is None, "consumed: no second continuation"
-    index.register("a", taken[1])  # an abandoned claim is put back
+    index.register("a", *taken[1])  # an abandoned claim is put back
     assert index.find(base + b"-a1-x") == "a"
 
 
@@ -138,14 +138,29 @@ def test_identical_conversations_are_still_two_sessions() -> None:
     assert index.take(prompt) is None
 
 
-def test_a_session_holds_one_key_and_memory_is_bounded() -> None:
+def test_an_agent_that_drops_its_answer_still_continues_its_session() -> None:
+    """mini-swe-agent keeps no answer it could not parse: its next prompt is the last
+    prompt plus a format-error message. The prompt-only key catches it; an agent that
+    echoes the answer matches the longer key first."""
+    index = PrefixIndex()
+    prompt = b"system + task " * 10
+    index.register("a", ContinuationKey.of(prompt + b"answer"), ContinuationKey.of(prompt))
+    index.register("b", ContinuationKey.of(b"other" * 20))
+    assert index.find(prompt + b"format error") == "a"
+    assert index.find(prompt + b"answer + tool output") == "a"
+    taken = index.take(prompt + b"format error")
+    assert taken is not None and len(taken[1]) == 2
+    assert index.find(prompt + b"answer + tool output") is None, "both keys consumed"
+
+
+def test_a_session_holds_its_latest_keys_and_memory_is_bounded() -> None:
     index = PrefixIndex(max_entries=3)
     index.register("a", ContinuationKey.of(b"x" * 80 + b"1"))
     index.register("a", ContinuationKey.of(b"x" * 80 + b"12"))  # its next turn replaces it
-    assert len(index) == 1
+    assert len(index) == 1 and len(index.keys_of("a")) == 1
     for name in "bcd":
         index.register(name, ContinuationKey.of(name.encode() * 90))
-    assert len(index) == 3 and index.key_of("a") is None, "the oldest key went first"
+    assert len(index) == 3 and index.keys_of("a") == (), "the oldest session went first"
     for name in "bcd":
         index.forget(name)
     assert len(index) == 0 and not index._buckets
