@@ -65,6 +65,22 @@ class CompletionRequest(_Generation):
     prompt: str | list[int] = Field(min_length=1)
 
 
+class ResponsesRequest(_Open):
+    """``POST /v1/responses`` (actors/responses_api.py): OpenAI's Responses API."""
+
+    model: str | None = None
+    input: str | list[Any] = Field(min_length=1)
+    instructions: str | None = None
+    previous_response_id: str | None = Field(None, min_length=1, max_length=128)
+    max_output_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    session_id: str | None = Field(None, min_length=1, max_length=128)
+    mars: Hints | None = None
+
+    def output_tokens(self, default: int) -> int:
+        return self.max_output_tokens or default
+
+
 class OpenSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     session_id: str | None = Field(

@@ -3,12 +3,15 @@
 Routes (the OpenAPI document at ``/openapi.json`` is generated from these):
 
 * ``POST /v1/chat/completions``, ``POST /v1/completions`` - streaming (SSE) or not;
-  the session id comes from the ``x-session-id`` header or the body's
-  ``session_id``; without one a request is a session of one turn.
+  the session comes from the ids stock agents send (actors/session_identity.py,
+  docs/agents.md) or, with none, from the conversation it extends; every response
+  names it in ``x-session-id`` and ``x-mars-turn-index``.
 * ``POST /v1/sessions`` opens a session; ``GET /v1/sessions/{id}``;
   ``POST /v1/sessions/{id}/tools`` runs a tool through the CPU pool (a command in
   the session's sandbox, or a traced replay); ``POST /v1/sessions/{id}/tool_events``
   reports a tool the agent ran itself; ``DELETE /v1/sessions/{id}`` closes it.
+* ``POST /v1/responses`` (OpenAI's Responses API, streaming or not;
+  ``previous_response_id`` chains turns into one session), ``GET /v1/responses/{id}``.
 * ``GET /v1/models``, ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness),
   ``GET /readyz`` (readiness: the scheduler answers and a GPU worker is alive).
 
@@ -50,6 +53,7 @@ from .api import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenSessionRequest,
+    ResponsesRequest,
     ToolEvent,
     ToolRunRequest,
     message_tokens,
@@ -59,6 +63,14 @@ from .config import DeploymentConfig
 from .engine_runner import sim_token_id
 from .messages import TokenChunk, TurnAsk, TurnDone, TurnGrant, TurnReport, TurnWork
 from .names import NAMESPACE, executor_name, worker_name
+from .responses_api import (
+    InputError,
+    ResponseTurn,
+    StoredResponse,
+    input_messages,
+    response_body,
+    stream_events,
+)
 from .scheduler import ONE_SHOT_PREFIX, SessionError
 from .session_identity import (
     IdentityError,
@@ -320,6 +332,13 @@ class _Turn:
             "completion_tokens": output,
             "total_tokens": prompt + output,
             "prompt_tokens_details": {"cached_tokens": cached},  # type: ignore[dict-item]
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Every response names its session and turn (streams too: headers go first)."""
+        return {
+            "x-session-id": self.grant.session_id,
+            "x-mars-turn-index": str(self.grant.turn_index),
         }
 
     def mars_info(self) -> dict[str, Any]:
@@ -659,6 +678,34 @@ class Ingress:
         conversation: Callable[[], bytes],
         answer_kind: str,
     ) -> Any:
+        turn = await self._begin(body, num_prompt, ids, request, conversation, answer_kind)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        headers = turn.headers()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(turn, rid, kind, self.config.model_name, include_usage, self.decode),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        out_ids = await turn.collect()
+        return JSONResponse(
+            _full_response(rid, kind, self.config.model_name, turn, out_ids, self.decode),
+            headers=headers,
+        )
+
+    async def _begin(
+        self,
+        body: Any,
+        num_prompt: int,
+        ids: tuple[int, ...],
+        request: Request,
+        conversation: Callable[[], bytes],
+        answer_kind: str,
+        chained_session: str | None = None,
+    ) -> _Turn:
+        """Validate a generation request, find its session and wait for its turn's grant.
+        ``chained_session``: the session a ``previous_response_id`` names."""
         if body.model is not None and body.model != self.config.model_name:
             raise ApiError(
                 404,
@@ -678,8 +725,17 @@ class Ingress:
         identity = resolve_identity(
             request.headers, body.session_id, body.model_extra or {}, self.config.session_id_headers
         )
-        hints = body.mars
         sid = identity.session_id
+        if chained_session is not None:
+            if sid is not None and sid != chained_session:
+                raise ApiError(
+                    400,
+                    f"conflicting session ids: previous_response_id belongs to session "
+                    f"{chained_session!r} but {identity.source} is {sid!r}",
+                    "invalid_session_id",
+                )
+            sid = chained_session
+        hints = body.mars
         inferred = sid is None and self.config.infer_sessions
         one_shot = sid is None and not inferred
         if sid is None:
@@ -696,22 +752,82 @@ class Ingress:
             conversation=conversation() if inferred else None,
         )
         grant = await self._retrying(lambda: self.channel.begin(ask))
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        turn = _Turn(self, ask, grant, ids, answer_kind if inferred else None)
-        # Every response names its session and turn (streams too: headers go first).
-        headers = {"x-session-id": grant.session_id, "x-mars-turn-index": str(grant.turn_index)}
+        return _Turn(self, ask, grant, ids, answer_kind if inferred else None)
+
+    # -- the Responses API ---------------------------------------------------------------
+    @app.post("/v1/responses", response_model=None)
+    async def create_response(self, body: ResponsesRequest, request: Request) -> Any:
+        self._check_key(request)
+        try:
+            messages = input_messages(body.instructions, body.input)
+        except InputError as exc:
+            raise ApiError(400, str(exc), "invalid_input") from None
+        previous: StoredResponse | None = None
+        if body.previous_response_id is not None:
+            previous = await self._sched("chained_response", body.previous_response_id)
+        new_ids: tuple[int, ...] = ()
+        if self.tokenizer is None:
+            num_new = message_tokens(messages)
+        else:
+            new_ids = tuple(self.tokenizer.chat_ids(messages))
+            num_new = len(new_ids)
+        num_prompt = num_new + (previous.context_tokens if previous else 0)
+        ids = (previous.context_ids if previous else ()) + new_ids
+        turn = await self._begin(
+            body,
+            num_prompt,
+            ids if self.tokenizer is not None else (),
+            request,
+            lambda: chat_bytes(messages),
+            "chat",
+            chained_session=previous.session_id if previous else None,
+        )
+        ids_kept = ids if self.tokenizer is not None else ()
+        meta = ResponseTurn(
+            response_id=f"resp_{uuid.uuid4().hex[:24]}",
+            message_id=f"msg_{uuid.uuid4().hex[:24]}",
+            model=self.config.model_name,
+            created_s=turn.created_s,
+            previous_response_id=body.previous_response_id,
+            max_output_tokens=turn.ask.max_output_tokens,
+        )
+
+        async def finish(text: str) -> dict[str, Any]:
+            usage = dict(turn.usage)
+            usage["cached_tokens"] = turn.done.cached_tokens if turn.done else 0
+            stored_body = response_body(meta, text, usage, turn.mars_info())
+            out_ids = tuple(turn.answer_ids) if self.tokenizer is not None else ()
+            stored = StoredResponse(
+                response_id=meta.response_id,
+                session_id=turn.grant.session_id,
+                context_tokens=num_prompt + usage["completion_tokens"],
+                context_ids=ids_kept + out_ids,
+                body=stored_body,
+            )
+            await self._sched("store_response", stored)  # before the client can chain it
+            return stored_body
+
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def chunks() -> AsyncIterator[str]:
+                async for token_ids in turn.tokens():
+                    text = self.decode(token_ids)
+                    turn.answer_text.append(text)
+                    yield text
+
             return StreamingResponse(
-                _sse(turn, rid, kind, self.config.model_name, include_usage, self.decode),
+                stream_events(meta, chunks(), finish),
                 media_type="text/event-stream",
-                headers=headers,
+                headers=turn.headers(),
             )
         out_ids = await turn.collect()
-        return JSONResponse(
-            _full_response(rid, kind, self.config.model_name, turn, out_ids, self.decode),
-            headers=headers,
-        )
+        return JSONResponse(await finish(self.decode(out_ids)), headers=turn.headers())
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        self._check_key(request)
+        stored: StoredResponse = await self._sched("stored_response", response_id)
+        return stored.body
 
 
 __all__ = ["Ingress", "app", "sim_token_id"]

@@ -27,6 +27,7 @@ import random
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,13 +49,16 @@ from mars_ray.policies.cluster import (
 )
 from mars_ray.policies.registry import get_policy
 from mars_ray.telemetry import EngineSnapshot, Telemetry, ToolPoolSnapshot
+from mars_ray.vllm.bench_runtime import num_kv_blocks
 
 from .config import DeploymentConfig
 from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
+from .responses_api import StoredResponse
 from .turn_channel import PendingGrant, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
 
+RESPONSES_KEPT = 10_000  # Responses API records kept for GET and previous_response_id
 SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
 TURN_END_GRACE_S = 1.0  # wall seconds a turn waits for its predecessor's end report
 #: a KV migration (both sides) taking longer is abandoned: the turn recomputes instead
@@ -121,6 +125,9 @@ class GlobalSchedulerImpl:
         self.engine_nodes: dict[int, int] = {}
         self.alive: set[int] = set()
         self.loads: dict[int, EngineLoad] = {}
+        self.polled_s: dict[int, float] = {}  # when each engine's load was last measured
+        engine = config.engine_config
+        self.kv_capacity_tokens = num_kv_blocks(self.cost, engine) * engine.block_size
         self.tool_executors: dict[int, Any] = {}
         self.node_ray_ids: dict[int, str] = {}
         self.tool_snapshots: dict[int, ToolPoolSnapshot] = {}
@@ -136,6 +143,8 @@ class GlobalSchedulerImpl:
         self.num_sessions_expired = 0
         self.num_sessions_inferred = 0  # continuations recognised from the conversation
         self.conversations = PrefixIndex()
+        # Responses API records, newest last; kept past their session for GET, bounded.
+        self.responses: OrderedDict[str, StoredResponse] = OrderedDict()
         self.idle_timeout = config.idle_timeout
         self._tick_task: asyncio.Task[None] | None = None
 
@@ -592,6 +601,7 @@ class GlobalSchedulerImpl:
                     result.num_waiting,
                     kv_demand=result.kv_demand,
                 )
+                self.polled_s[engine_id] = self.now_s()
                 self.telemetry.observe_engine(result)
             else:
                 self._mark_dead(engine_id, repr(result))
@@ -624,7 +634,40 @@ class GlobalSchedulerImpl:
         self, engine_ids: Sequence[int], tools: Sequence[ToolPoolSnapshot]
     ) -> ClusterSignals:
         pools = [ToolPoolLoad(t.num_in_flight, t.num_workers, t.wait_ema_s) for t in tools]
-        return scope_signals([self.loads[e].kv_usage for e in engine_ids], pools)
+        # the KV working set of each engine, the scope's KV in tokens, and the age of its
+        # oldest poll (the stale-signal guard), as the simulator feeds them
+        return scope_signals(
+            [self.loads[e] for e in engine_ids],
+            pools,
+            kv_capacity_tokens=self.kv_capacity_tokens * len(engine_ids),
+            observed_s=min((self.polled_s.get(e, 0.0) for e in engine_ids), default=None),
+        )
+
+    # -- the Responses API -----------------------------------------------------------------
+    def store_response(self, stored: StoredResponse) -> None:
+        self.responses[stored.response_id] = stored
+        self.responses.move_to_end(stored.response_id)
+        while len(self.responses) > RESPONSES_KEPT:
+            self.responses.popitem(last=False)
+
+    def stored_response(self, response_id: str) -> StoredResponse:
+        stored = self.responses.get(response_id)
+        if stored is None:
+            raise SessionError(f"response {response_id!r} is unknown or expired", status=404)
+        return stored
+
+    def chained_response(self, response_id: str) -> StoredResponse:
+        """A ``previous_response_id``: its session must still be live (not expired,
+        not ended by its last turn), else the chain is broken (404)."""
+        stored = self.stored_response(response_id)
+        live = self.sessions.get(stored.session_id)
+        if live is None or live.closed:
+            raise SessionError(
+                f"previous_response_id {response_id!r} is unknown or expired: its session "
+                f"{stored.session_id!r} has ended",
+                status=404,
+            )
+        return stored
 
     # -- views -------------------------------------------------------------------------
     def session_info(self, session_id: str) -> dict[str, Any]:
@@ -817,6 +860,15 @@ class GlobalScheduler:
 
     async def session_info(self, session_id: str) -> dict[str, Any]:
         return self._impl.session_info(session_id)
+
+    async def store_response(self, stored: StoredResponse) -> None:
+        self._impl.store_response(stored)
+
+    async def stored_response(self, response_id: str) -> StoredResponse:
+        return self._impl.stored_response(response_id)
+
+    async def chained_response(self, response_id: str) -> StoredResponse:
+        return self._impl.chained_response(response_id)
 
     async def summaries(self) -> list[SessionSummary]:
         return list(self._impl.summaries)

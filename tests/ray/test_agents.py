@@ -237,3 +237,63 @@ def test_the_final_flag_closes_the_session(http: httpx.Client) -> None:
     headers = {"x-dynamo-session-id": "fin-1", "x-dynamo-session-final": "true"}
     assert http.post("/v1/chat/completions", json=payload, headers=headers).status_code == 200
     assert http.get("/v1/sessions/fin-1").status_code == 404
+
+
+# -- the Responses API ------------------------------------------------------------------
+def test_responses_chain_into_one_session_streamed_or_not(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    first = client.responses.create(
+        model="mars-sim",
+        instructions="You are a coding agent.",
+        input="list the files",
+        max_output_tokens=6,
+    )
+    assert first.status == "incomplete" and first.incomplete_details is not None
+    assert len(first.output_text.split()) == 6
+    assert first.usage is not None and first.usage.output_tokens == 6
+    sid = (first.model_extra or {})["mars"]["session_id"]
+    # streamed, chained: the same session, its next turn, the earlier context counted
+    stream = client.responses.create(
+        model="mars-sim",
+        previous_response_id=first.id,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "now run the tests"}]}],
+        max_output_tokens=5,
+        stream=True,
+    )
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+    assert kinds.count("response.output_text.delta") >= 1
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    second = events[-1].response  # type: ignore[union-attr]
+    assert second.output_text == deltas and len(deltas.split()) == 5
+    assert (second.model_extra or {})["mars"]["session_id"] == sid
+    assert (second.model_extra or {})["mars"]["turn_index"] == 1
+    assert second.usage is not None
+    assert second.usage.input_tokens == first.usage.input_tokens + 6 + 4  # + its new words
+    assert client.responses.retrieve(second.id).output_text == deltas
+    assert http.get(f"/v1/sessions/{sid}").json()["num_turns"] == 2
+
+
+def test_responses_bad_chains_are_404_and_400(client: openai.OpenAI, http: httpx.Client) -> None:
+    with pytest.raises(openai.NotFoundError, match="unknown or expired"):
+        client.responses.create(model="mars-sim", previous_response_id="resp_nope", input="x")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_nope")
+    first = client.responses.create(model="mars-sim", input="hello", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="conflicting session ids"):
+        client.responses.create(
+            model="mars-sim",
+            previous_response_id=first.id,
+            input="x",
+            extra_headers={"x-session-id": "someone-else"},
+        )
+    bad = http.post("/v1/responses", json={"input": [{"type": "image_generation_call"}]})
+    assert bad.status_code == 400 and "input[0].type" in bad.json()["error"]["message"]
+    # once its session has expired, the chain is broken: 404, and GET still answers
+    sid = (first.model_extra or {})["mars"]["session_id"]
+    assert wait_for(lambda: http.get(f"/v1/sessions/{sid}").status_code == 404, 20)
+    with pytest.raises(openai.NotFoundError, match="has ended"):
+        client.responses.create(model="mars-sim", previous_response_id=first.id, input="x")
+    assert client.responses.retrieve(first.id).id == first.id
