@@ -22,7 +22,7 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from mars_ray import bench, perf
+    from mars_ray import bench, capacity, perf
     from mars_ray.cluster import cli as cluster_cli
     from mars_ray.engine import cli as engine_cli
     from mars_ray.workloads import cli as workloads_cli
@@ -30,6 +30,7 @@ def _register_all() -> None:
     engine_cli.register(app)
     workloads_cli.register(app)
     bench.register(app)
+    capacity.register(app)
     perf.register(app)
     cluster_cli.register(app)
 

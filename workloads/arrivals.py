@@ -69,3 +69,27 @@ def assign_arrivals(
         index = int(np.argmax(bad))
         raise ConfigError(f"arrival times must be finite and >= 0 s, got {times[index]} at {index}")
     return [session.with_arrival(t) for session, t in zip(sessions, times.tolist(), strict=True)]
+
+
+def gamma_arrivals(
+    num_sessions: int, rate_per_s: float, rng: np.random.Generator, burstiness: float = 1.0
+) -> FloatArray:
+    """Bursty arrivals: a gamma renewal process with mean rate ``rate_per_s``.
+
+    ``vllm bench serve --burstiness``'s convention: the gaps are
+    Gamma(shape=``burstiness``, scale=``1 / (rate_per_s x burstiness)``), so their mean
+    is ``1 / rate_per_s`` and their coefficient of variation ``1 / sqrt(burstiness)``.
+    ``burstiness = 1`` is a Poisson process; below 1 arrivals clump (0.25: CV 2, bursts
+    separated by long lulls at the same mean rate); above 1 they are more regular. As
+    in :func:`poisson_arrivals`, the first session arrives at t = 0.
+    """
+    _check_num_sessions(num_sessions)
+    if not (rate_per_s > 0 and math.isfinite(rate_per_s)):
+        raise ConfigError(f"rate must be > 0 sessions/s, got {rate_per_s:g}")
+    if not (burstiness > 0 and math.isfinite(burstiness)):
+        raise ConfigError(f"burstiness must be finite and > 0, got {burstiness:g}")
+    if num_sessions == 0:
+        return np.zeros(0)
+    scale_s = 1.0 / (rate_per_s * burstiness)
+    gaps_s = rng.gamma(burstiness, scale_s, num_sessions - 1)
+    return np.concatenate(([0.0], np.cumsum(gaps_s)))

@@ -16,7 +16,7 @@ docs/design.md §7) or says that it is an assumption.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -386,3 +386,78 @@ def generate_chat(
     no_tool_s = np.zeros(num_sessions)
     turns = _TurnArrays(new_tokens, output_tokens, no_tool_s, no_tool_s, None)
     return _assemble("chat", num_turns, turns, max_context_tokens)
+
+
+# --------------------------------------------------------------------------- heavy tails
+
+# Heavy-tailed contexts (issue 13, item 4): a few sessions start from a context many
+# times the usual one (a repository dump, a long log), most do not. Assumption: the
+# first prompt is multiplied by a Pareto factor >= 1 of tail index 1.1, so 8% of
+# sessions start at >= 10x and 0.6% at >= 100x (capped at 64x, then at the window).
+HEAVY_TAIL_INDEX = 1.1
+HEAVY_TAIL_MAX_FACTOR = 64.0
+
+
+class Pareto(NamedTuple):
+    """Pareto (type I) from ``low`` with tail index ``tail_index``, capped at ``high``:
+    P(X > x) = (low / x) ** tail_index."""
+
+    low: float
+    tail_index: float
+    high: float
+
+    def sample(self, rng: np.random.Generator, size: int) -> FloatArray:
+        """``size`` independent draws."""
+        u = 1.0 - rng.random(size)  # in (0, 1]
+        return np.minimum(self.low * u ** (-1.0 / self.tail_index), self.high)
+
+
+def heavy_tailed_contexts(
+    generator: WorkloadGenerator,
+    *,
+    tail_index: float = HEAVY_TAIL_INDEX,
+    max_factor: float = HEAVY_TAIL_MAX_FACTOR,
+) -> WorkloadGenerator:
+    """``generator`` with each session's first prompt scaled by a Pareto factor >= 1.
+
+    The factors are drawn from the same ``rng`` after the sessions, so one seed still
+    gives one workload; sessions are then cut to the window as every generator's are
+    (the turns that would overflow it are dropped). Smaller ``tail_index`` is heavier.
+    Not registered in :data:`WORKLOADS`; e.g.
+    ``heavy_tailed_contexts(WORKLOADS.get("swe"))(100, rng, 131_072)``.
+    """
+    if not (tail_index > 0 and np.isfinite(tail_index)):
+        raise ConfigError(f"tail index must be finite and > 0, got {tail_index:g}")
+    if not (max_factor >= 1 and np.isfinite(max_factor)):
+        raise ConfigError(f"max factor must be finite and >= 1, got {max_factor:g}")
+    factors = Pareto(1.0, tail_index, max_factor)
+
+    def generate(
+        num_sessions: int, rng: np.random.Generator, max_context_tokens: int
+    ) -> list[SessionSpec]:
+        sessions = generator(num_sessions, rng, max_context_tokens)
+        scales = factors.sample(rng, len(sessions)).tolist()
+        return [
+            _scale_first_prompt(s, f, max_context_tokens)
+            for s, f in zip(sessions, scales, strict=True)
+        ]
+
+    return generate
+
+
+def _scale_first_prompt(
+    session: SessionSpec, factor: float, max_context_tokens: int
+) -> SessionSpec:
+    turns = session.turns
+    new_tokens = np.array([t.new_tokens for t in turns], dtype=np.int64)
+    new_tokens[0] = max(1, round(new_tokens[0] * factor))
+    arrays = _TurnArrays(
+        new_tokens,
+        np.array([t.output_tokens for t in turns], dtype=np.int64),
+        np.array([t.tool_cpu_s for t in turns]),
+        np.array([t.tool_wait_s for t in turns]),
+        # Turn names may be None (the last turn's); _fit_session passes them through.
+        cast(list[str], [t.tool_name for t in turns]) if any(t.tool_name for t in turns) else None,
+    )
+    fitted = _fit_session(session.session_id, arrays, 0, len(turns), max_context_tokens)
+    return SessionSpec(fitted.session_id, session.arrival_s, fitted.turns, session.tenant)
