@@ -54,6 +54,7 @@ from mars_ray.vllm.bench_runtime import num_kv_blocks
 from .config import DeploymentConfig
 from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
 from .responses_api import StoredResponse
+from .session_identity import CHAT_TAG, MESSAGE_END
 from .turn_channel import PendingGrant, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,8 @@ class GlobalSchedulerImpl:
         its prompt extends, if any, takes it; else it opens a new session under the id
         the ingress proposed. The matched key is consumed (one continuation per turn)."""
         assert ask.conversation is not None
-        taken = self.conversations.take(ask.conversation)
+        chat = ask.conversation.startswith(CHAT_TAG)  # keys end at a message's end
+        taken = self.conversations.take(ask.conversation, MESSAGE_END if chat else None)
         if taken is None:
             return ask
         session_id, keys = taken
@@ -417,11 +419,8 @@ class GlobalSchedulerImpl:
         live.context_tokens = report.context_tokens
         live.turn_ended_s = live.active_s = self.now_s()
         if live.conversation is not None and report.answer is not None:
-            self.conversations.register(
-                live.session_id,
-                ContinuationKey.of(live.conversation + report.answer),
-                ContinuationKey.of(live.conversation),
-            )
+            keys = ContinuationKey.turn(live.conversation, report.answer)
+            self.conversations.register(live.session_id, *keys)
         live.conversation, live.claimed_keys = None, ()
         self.cluster.on_turn_finished(report.session_id, report.service_tokens, report.service_s)
         self.telemetry.turn_finished(report.engine_id, report.ttft_s)

@@ -118,7 +118,8 @@ def resolve_identity(
 # the extra fields they echo back: refusal, annotations, tool_calls: null). Separators are
 # control characters no role contains, so one message list has one byte form and a
 # conversation that extends another has a byte form that extends the other's.
-_ROLE_END, _MESSAGE_END = b"\x1f", b"\x1e"
+_ROLE_END, MESSAGE_END = b"\x1f", b"\x1e"
+CHAT_TAG = b"chat\x1d"  # chat forms start with it; their keys end at a MESSAGE_END
 
 
 def message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -130,12 +131,12 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 def message_bytes(role: str, text: str) -> bytes:
-    return role.encode() + _ROLE_END + text.strip().encode() + _MESSAGE_END
+    return role.encode() + _ROLE_END + text.strip().encode() + MESSAGE_END
 
 
 def chat_bytes(messages: Sequence[ChatMessage]) -> bytes:
     """The canonical form of a chat request's messages."""
-    return b"chat\x1d" + b"".join(message_bytes(m.role, message_text(m.content)) for m in messages)
+    return CHAT_TAG + b"".join(message_bytes(m.role, message_text(m.content)) for m in messages)
 
 
 def completion_bytes(prompt: str | Sequence[int]) -> bytes:

@@ -11,8 +11,11 @@ the longest such registered prefix, by hashes only:
   shorter than that share one bucket), its length and a digest of the whole (the
   bytes themselves are not kept);
 * a lookup hashes the new prompt once, incrementally, and takes a digest at every
-  registered length (of its fingerprint's bucket) up to the prompt's own length:
-  O(prompt bytes + registered lengths in the bucket), no quadratic re-hashing.
+  candidate length up to the prompt's own: O(prompt bytes + candidates), no quadratic
+  re-hashing. For a prompt made of delimited messages (chat) a key can only end where
+  a message ends, so the candidates are the prompt's message ends, however many
+  sessions are live; for free text (completions) they are the registered lengths of
+  the prompt's fingerprint bucket.
 
 Each session holds only its latest turn's keys (two: with and without the answer, see
 :meth:`PrefixIndex.register`), so memory is bounded by the live sessions, and by
@@ -49,6 +52,18 @@ class ContinuationKey:
     def of(data: bytes) -> ContinuationKey:
         return ContinuationKey(_fingerprint(data, len(data)), len(data), _digest(data))
 
+    @staticmethod
+    def turn(prompt: bytes, answer: bytes) -> tuple[ContinuationKey, ContinuationKey]:
+        """A turn's two keys, ``prompt + answer`` and ``prompt`` alone, hashing the
+        prompt once."""
+        hasher = hashlib.blake2b(prompt, digest_size=DIGEST_BYTES)
+        alone = ContinuationKey(_fingerprint(prompt, len(prompt)), len(prompt), hasher.digest())
+        hasher.update(answer)
+        whole = prompt + answer if len(prompt) < FINGERPRINT_BYTES else prompt
+        num_bytes = len(prompt) + len(answer)
+        with_answer = ContinuationKey(_fingerprint(whole, num_bytes), num_bytes, hasher.digest())
+        return with_answer, alone
+
 
 _SHORT = b"short"  # the one bucket of keys shorter than FINGERPRINT_BYTES
 
@@ -56,6 +71,15 @@ _SHORT = b"short"  # the one bucket of keys shorter than FINGERPRINT_BYTES
 def _fingerprint(data: bytes, key_bytes: int) -> bytes:
     """The bucket of a key of ``key_bytes`` bytes that ``data`` starts with."""
     return _digest(data[:FINGERPRINT_BYTES]) if key_bytes >= FINGERPRINT_BYTES else _SHORT
+
+
+def _ends(data: bytes, delimiter: bytes) -> list[int]:
+    """The offsets just after each occurrence of ``delimiter`` in ``data``, ascending."""
+    ends, at = [], data.find(delimiter)
+    while at >= 0:
+        ends.append(at + len(delimiter))
+        at = data.find(delimiter, at + len(delimiter))
+    return ends
 
 
 @dataclass(slots=True)
@@ -112,34 +136,44 @@ class PrefixIndex:
                 del self._buckets[key.fingerprint]
         return keys
 
-    def find(self, prompt: bytes) -> str | None:
+    def find(self, prompt: bytes, delimiter: bytes | None = None) -> str | None:
         """The session whose registered key is the longest prefix of ``prompt`` (and
-        shorter than it: a continuation adds something), without consuming it."""
+        shorter than it: a continuation adds something), without consuming it.
+        ``delimiter``: keys end only right after one (a message end), so only those
+        lengths are tried."""
+        if delimiter is not None:
+            return self._find_at(prompt, _ends(prompt, delimiter))
         found = None
         if len(prompt) > FINGERPRINT_BYTES:
-            found = self._find_in(self._buckets.get(_fingerprint(prompt, len(prompt))), prompt)
-        return found or self._find_in(self._buckets.get(_SHORT), prompt)
+            bucket = self._buckets.get(_fingerprint(prompt, len(prompt)))
+            found = self._find_at(prompt, bucket.lengths if bucket else [])
+        short = self._buckets.get(_SHORT)
+        return found or self._find_at(prompt, short.lengths if short else [])
 
-    @staticmethod
-    def _find_in(bucket: _Bucket | None, prompt: bytes) -> str | None:
-        if bucket is None:
-            return None
+    def _find_at(self, prompt: bytes, lengths: list[int]) -> str | None:
+        """The longest of ``lengths`` (sorted) at which ``prompt`` has a key."""
         hasher = hashlib.blake2b(digest_size=DIGEST_BYTES)
         hashed = 0
         found: str | None = None
-        end = bisect.bisect_left(bucket.lengths, len(prompt))  # strictly shorter keys
-        for num_bytes in bucket.lengths[:end]:
+        end = bisect.bisect_left(lengths, len(prompt))  # strictly shorter keys
+        for num_bytes in lengths[:end]:
+            bucket = self._buckets.get(_fingerprint(prompt, num_bytes))
+            by_digest = bucket.by_length.get(num_bytes) if bucket else None
+            if not by_digest:
+                continue
             hasher.update(prompt[hashed:num_bytes])
             hashed = num_bytes
-            owners = bucket.by_length[num_bytes].get(hasher.copy().digest())
+            owners = by_digest.get(hasher.copy().digest())
             if owners:
                 found = owners[0]  # the longest match wins: keep going
         return found
 
-    def take(self, prompt: bytes) -> tuple[str, tuple[ContinuationKey, ...]] | None:
+    def take(
+        self, prompt: bytes, delimiter: bytes | None = None
+    ) -> tuple[str, tuple[ContinuationKey, ...]] | None:
         """Find and consume: the matched session's keys are removed (its next turn is
         being claimed) and returned, so that an abandoned claim can be put back."""
-        session_id = self.find(prompt)
+        session_id = self.find(prompt, delimiter)
         if session_id is None:
             return None
         return session_id, self.forget(session_id)

@@ -5,6 +5,8 @@
   grows with the request count.
 * ``mars-ray perf sim``: simulated seconds per wall second of the cluster
   simulator at saturation, for 1 GPU and for a large cluster.
+* ``mars-ray perf sessions``: per-request cost of recognising a session from its
+  conversation with many sessions live (mars_ray/perf_sessions.py).
 """
 
 from __future__ import annotations
@@ -135,6 +137,23 @@ def register(app: typer.Typer) -> None:
                 }
             )
         )
+
+    @perf.command("sessions")
+    def sessions(
+        live: int = typer.Option(10_000, min=1, help="live sessions in the index"),
+        turns: int = typer.Option(20, min=1, help="turns in each timed conversation"),
+        tool_bytes: int = typer.Option(4000, min=0, help="tool output per turn (bytes)"),
+        requests: int = typer.Option(200, min=10, help="continuations timed"),
+    ) -> None:
+        """Per-request cost of inferring sessions (no id sent) with many sessions live."""
+        from dataclasses import asdict
+
+        from mars_ray.perf_sessions import measure_inference
+
+        cost = measure_inference(live, turns, tool_bytes, requests)
+        row = asdict(cost)
+        row["total_target_us"] = 1000.0
+        print(json.dumps(row))
 
     @perf.command("runtime")
     def runtime(

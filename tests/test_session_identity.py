@@ -9,6 +9,7 @@ import pytest
 
 from mars_ray.actors.api import ChatMessage
 from mars_ray.actors.session_identity import (
+    MESSAGE_END,
     IdentityError,
     answer_bytes,
     chat_bytes,
@@ -204,3 +205,43 @@ def test_idle_timeout_is_validated() -> None:
         IdleTimeout(base_s=100, max_s=50, unconfirmed_s=10)
     with pytest.raises(ValueError, match="unconfirmed_s"):
         IdleTimeout(base_s=100, max_s=200, unconfirmed_s=0)
+
+
+def test_chat_lookups_try_only_message_ends_and_agree_with_the_full_search() -> None:
+    """Chat keys end at a message's end, so a chat lookup tries the prompt's message ends
+    only (its cost does not grow with the live sessions) and finds what the search over
+    every registered length finds."""
+    rng = random.Random(11)
+    system = ("system", "You are a coding agent. " * 5)  # shared by every agent
+    index = PrefixIndex()
+    conversations: dict[str, list[tuple[str, str]]] = {}
+    for i in range(200):
+        conv = [system, ("user", f"task {rng.randint(0, 40)}")]
+        for _ in range(rng.randint(0, 3)):
+            conv += [("assistant", f"t{rng.randint(0, 3)}"), ("user", "ok")]
+        conversations[f"s{i}"] = conv
+        prompt = chat_bytes(msgs(*conv))
+        answer = answer_bytes("chat", f"t{rng.randint(0, 3)}", [])
+        index.register(f"s{i}", ContinuationKey.of(prompt + answer), ContinuationKey.of(prompt))
+    for conv in list(conversations.values())[:100]:
+        follow = [*conv, ("assistant", f"t{rng.randint(0, 3)}"), ("user", "output")]
+        prompt = chat_bytes(msgs(*follow))
+        assert index.find(prompt, MESSAGE_END) == index.find(prompt)
+
+
+@pytest.mark.parametrize("num_prompt_bytes", [3, 60, 64, 200])
+def test_a_turns_keys_hash_the_prompt_once_and_equal_the_plain_keys(num_prompt_bytes: int) -> None:
+    prompt, answer = b"p" * num_prompt_bytes, b"answer!"
+    assert ContinuationKey.turn(prompt, answer) == (
+        ContinuationKey.of(prompt + answer),
+        ContinuationKey.of(prompt),
+    )
+
+
+def test_the_inference_benchmark_recognises_every_continuation() -> None:
+    """``mars-ray perf sessions`` at a small size: each timed agent is found (its figures
+    are printed by the command, never asserted)."""
+    from mars_ray.perf_sessions import measure_inference
+
+    cost = measure_inference(num_live_sessions=50, num_turns=3, tool_bytes=100, num_requests=10)
+    assert cost.num_recognised == cost.num_requests == 10
