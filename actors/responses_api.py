@@ -106,17 +106,20 @@ def response_body(
     usage: Mapping[str, Any] | None,
     mars: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The response object; ``text`` None: still in progress (no output yet). The
-    simulated model stops only at ``max_output_tokens``: such a response is reported
-    ``incomplete`` (reason ``max_output_tokens``), as OpenAI reports it."""
+    """The response object; ``text`` None: still in progress (no output yet).
+
+    Finished responses are ``completed``: the simulated model has no end-of-text, its
+    answer is exactly as long as asked, and a turn's end carries no finish reason from
+    the engine. (Reported ``incomplete``, every simulated answer would be a failure to
+    SDKs that treat it as one, as the OpenAI Agents SDK does.)"""
     done = text is not None
-    output = [_message_item(turn, text, "incomplete")] if done and text is not None else []
+    output = [_message_item(turn, text, "completed")] if done and text is not None else []
     body: dict[str, Any] = {
         "id": turn.response_id,
         "object": "response",
         "created_at": turn.created_s,
-        "status": "incomplete" if done else "in_progress",
-        "incomplete_details": {"reason": "max_output_tokens"} if done else None,
+        "status": "completed" if done else "in_progress",
+        "incomplete_details": None,
         "model": turn.model,
         "output": output,
         "parallel_tool_calls": False,
@@ -164,7 +167,7 @@ async def stream_events(
     finish: Any,
 ) -> AsyncIterator[str]:
     """The SSE events of a streamed response: created, the message's deltas, then
-    ``response.incomplete`` (or ``response.completed``) with the whole response.
+    ``response.completed`` (``response.incomplete`` if it was) with the whole response.
     ``finish(text)`` is awaited after the last chunk and returns the final body."""
     number = 0
 

@@ -249,7 +249,7 @@ def test_responses_chain_into_one_session_streamed_or_not(
         input="list the files",
         max_output_tokens=6,
     )
-    assert first.status == "incomplete" and first.incomplete_details is not None
+    assert first.status == "completed" and first.incomplete_details is None
     assert len(first.output_text.split()) == 6
     assert first.usage is not None and first.usage.output_tokens == 6
     sid = (first.model_extra or {})["mars"]["session_id"]
@@ -263,7 +263,7 @@ def test_responses_chain_into_one_session_streamed_or_not(
     )
     events = list(stream)
     kinds = [e.type for e in events]
-    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     assert kinds.count("response.output_text.delta") >= 1
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     second = events[-1].response  # type: ignore[union-attr]
