@@ -1098,3 +1098,103 @@ def test_only_a_global_kv_aware_placement_migrates_kv() -> None:
     assert get_policy("mars-local").make_migration(config, 1) is None  # router knows no KV
     off = PolicyConfig(migration=MigrationConfig(enabled=False))
     assert get_policy("mars").make_migration(off, 1) is None
+
+
+# ----------------------------------------------------- snapshot / restore (scheduler restart)
+
+
+def _drive(cluster: ClusterScheduler, engines: list[EngineLoad], start: int, end: int) -> list:
+    """Arrivals, ticks, turns and tools, deterministic; returns what the scheduler said."""
+    said: list = []
+    for i in range(start, end):
+        said += cluster.on_session_arrival(
+            ticket(f"s{i}", float(i), 500 + 997 * i % 9000), i, engines
+        )
+        kv = 0.95 if i % 4 == 3 else 0.3  # KV pressure now and then: the window shrinks
+        signals = [
+            scope_signals(
+                [kv] * (len(engines) // len(cluster.admissions)), [ToolPoolLoad(i % 5, 16, 0.1)]
+            )
+            for _ in cluster.admissions
+        ]
+        decisions, started = cluster.on_tick(signals, i + 0.5, engines)
+        said += [d.window for d in decisions] + started
+        for sid, state in sorted(cluster.sessions.items()):
+            if state.phase is SessionPhase.ACTIVE and (hash(sid) + i) % 3 == 0:
+                cluster.on_turn_finished(sid, 100 + i, 0.01 * i)
+                said.append(cluster.on_tool_finished(sid, 0.5 + i % 4, engines))
+                if state.next_turn >= 3:
+                    said += cluster.on_session_finished(sid, i + 0.7, engines)
+    return said
+
+
+@pytest.mark.parametrize("policy", ["mars", "fcfs", "mars-local", "autellix"])
+def test_cluster_snapshot_round_trips_and_the_restored_scheduler_decides_alike(
+    policy: str,
+) -> None:
+    engines = [load(0), load(1, running=2), load(2, kv=0.4), load(3)]
+    original = cluster_scheduler(
+        policy, num_engines=4, window_init_per_gpu=1, window_min_per_gpu=1, window_max_per_gpu=2
+    )
+    _drive(original, engines, 0, 30)
+    snapshot = original.snapshot()
+    assert snapshot.sessions and any(s.phase is SessionPhase.QUEUED for s in snapshot.sessions) == (
+        policy in ("mars", "mars-local")
+    )
+    restored = cluster_scheduler(
+        policy, num_engines=4, window_init_per_gpu=1, window_min_per_gpu=1, window_max_per_gpu=2
+    )
+    restored.restore(snapshot)
+    restored.check_invariants()
+    assert restored.snapshot() == snapshot, "restore(snapshot()) loses nothing"
+    assert restored.windows() == original.windows()
+    assert (restored.num_queued(), restored.num_active()) == (
+        original.num_queued(),
+        original.num_active(),
+    )
+    for sid, record in ((r.session_id, r) for r in snapshot.sessions):
+        assert restored.session_snapshot(sid) == record
+        assert restored.predicted_tool_s(sid) == original.predicted_tool_s(sid)
+    if policy != "mars-local":  # power-of-two choices' random stream is not kept
+        assert _drive(restored, engines, 30, 60) == _drive(original, engines, 30, 60)
+        assert restored.snapshot() == original.snapshot()
+
+
+def test_cluster_restore_from_per_session_records_and_rejects_a_mismatch() -> None:
+    engines = [load(0), load(1)]
+    original = cluster_scheduler(
+        "mars", num_engines=2, window_init_per_gpu=1, window_min_per_gpu=1, window_max_per_gpu=2
+    )
+    _drive(original, engines, 0, 12)
+    core = original.snapshot(sessions=False)
+    assert core.sessions == ()
+    records = [original.session_snapshot(sid) for sid in original.sessions]
+    restored = cluster_scheduler(
+        "mars", num_engines=2, window_init_per_gpu=1, window_min_per_gpu=1, window_max_per_gpu=2
+    )
+    restored.restore(core, [r for r in reversed(records) if r is not None])  # any order
+    assert restored.snapshot() == original.snapshot()
+    done = [sid for sid, s in original.sessions.items() if s.phase is SessionPhase.DONE]
+    assert done and all(original.session_snapshot(sid) is None for sid in done)
+    with pytest.raises(ValueError, match="admission scopes"):
+        cluster_scheduler("mars-local", num_engines=2).restore(core)
+    with pytest.raises(ValueError, match="needs its snapshot"):
+        cluster_scheduler("mars", num_engines=2).restore(
+            cluster_scheduler("fcfs", num_engines=2).snapshot()
+        )
+
+
+def test_aimd_snapshot_round_trips() -> None:
+    aimd = AimdAdmission(AdmissionConfig(kv_fit=True), num_gpus=2)
+    aimd.on_tick(ClusterSignals(0.95, 40, 16, 6.0, kv_capacity_tokens=100_000), 1.0)
+    aimd.select([ticket("a", 0.0, 900), ticket("b", 0.1, 50_000)], 2)
+    copy = AimdAdmission(AdmissionConfig(kv_fit=True), num_gpus=2)
+    copy.restore(aimd.snapshot())
+    assert copy.snapshot() == aimd.snapshot()
+    assert copy.window() == aimd.window() and copy.pressure is aimd.pressure
+    assert copy.overloaded == aimd.overloaded
+    signals = ClusterSignals(0.5, 3, 16, 0.2, kv_capacity_tokens=100_000)
+    assert copy.on_tick(signals, 2.0) == aimd.on_tick(signals, 2.0)
+    waiting = [ticket(f"w{i}", float(i), 1000 * i) for i in range(6)]
+    assert copy.select(waiting, 3) == aimd.select(waiting, 3)
+    assert UnlimitedAdmission().snapshot() is None

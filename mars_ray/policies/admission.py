@@ -9,6 +9,7 @@ from mars_ray.config import AdmissionConfig
 from mars_ray.policies.base import (
     AdmissionDecision,
     AdmissionPolicy,
+    AdmissionSnapshot,
     ClusterSignals,
     Pressure,
     SessionTicket,
@@ -130,6 +131,12 @@ class AimdAdmission(AdmissionPolicy):
             kv_cap = self._w_max - frac * (self._w_max - self._w_min)
         return min(float(self._w_max), float(tool_cap), kv_cap)
 
+    def may_exceed_window(self) -> bool:
+        """Work conservation may start one more session on an idle GPU only while
+        neither overload flag is up and the signals are fresh: starting one then would
+        not thrash the KV or the tool pool."""
+        return not (self._stale or self._cpu_overloaded or self._kv_overloaded)
+
     def order(self, waiting: Sequence[SessionTicket]) -> list[SessionTicket]:
         if self._pressure is Pressure.CPU:
             return sorted(waiting, key=lambda t: (-t.expected_work_tokens, t.arrival_s))
@@ -180,3 +187,25 @@ class AimdAdmission(AdmissionPolicy):
 
     def on_session_done(self, session_id: str) -> None:
         self._first_turns.pop(session_id, None)
+
+    def snapshot(self) -> AdmissionSnapshot:
+        return AdmissionSnapshot(
+            window=self._window,
+            pressure=self._pressure,
+            cpu_overloaded=self._cpu_overloaded,
+            kv_overloaded=self._kv_overloaded,
+            stale=self._stale,
+            signals=self._signals,
+            first_turns=tuple((sid, t, long) for sid, (t, long) in self._first_turns.items()),
+        )
+
+    def restore(self, snapshot: AdmissionSnapshot | None) -> None:
+        if snapshot is None:
+            raise ValueError("an AIMD window needs its snapshot to restore")
+        self._window = snapshot.window
+        self._pressure = snapshot.pressure
+        self._cpu_overloaded = snapshot.cpu_overloaded
+        self._kv_overloaded = snapshot.kv_overloaded
+        self._stale = snapshot.stale
+        self._signals = snapshot.signals
+        self._first_turns = {sid: (t, long) for sid, t, long in snapshot.first_turns}

@@ -288,12 +288,42 @@ class AdmissionPolicy(ABC):
         that many). Default: the first ``free_slots`` in :meth:`order`."""
         return self.order(waiting)[: max(0, free_slots)]
 
+    def may_exceed_window(self) -> bool:
+        """Whether work conservation may start a queued session beyond the window on an
+        idle GPU now (no overload that one more session would worsen). Default: no."""
+        return False
+
     def on_first_turn_done(self, session_id: str) -> None:  # noqa: B027 - optional hook
         """The admitted session's first turn ended: its first prompt's KV is in the
         engines' own figures now."""
 
     def on_session_done(self, session_id: str) -> None:  # noqa: B027 - optional hook
         """The admitted session finished or was cancelled."""
+
+    def snapshot(self) -> AdmissionSnapshot | None:
+        """The state a restarted scheduler needs to go on where this one stopped (a
+        frozen value); None: stateless."""
+        return None
+
+    def restore(self, snapshot: AdmissionSnapshot | None) -> None:
+        """Take up the state of :meth:`snapshot` (of the same kind of policy)."""
+        if snapshot is not None:
+            raise ValueError(f"{type(self).__name__} has no state to restore")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSnapshot:
+    """An admission window's state (:meth:`AdmissionPolicy.snapshot`): the window, the
+    overload flags and pressure of the last tick, its signals, and the admitted
+    sessions still in their first turn (``(session id, first prompt tokens, long)``)."""
+
+    window: float
+    pressure: Pressure
+    cpu_overloaded: bool
+    kv_overloaded: bool
+    stale: bool
+    signals: ClusterSignals | None
+    first_turns: tuple[tuple[str, int, bool], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +337,9 @@ class EngineLoad:
     num_waiting: int
     capacity_weight: float = 1.0  # relative speed (an H200 beside an H100 > 1)
     kv_demand: float = 0.0  # working set incl. KV kept for sessions in tools (may exceed 1)
+    #: the CPU tool pool of the engine's node: tools in flight per core (0: unknown).
+    #: A session's tools run on its GPU's node; CPU-aware placement reads this.
+    node_tool_load: float = 0.0
     #: lower is better: queue depth and KV working set, scaled by capacity. Derived
     #: once here: placement compares every engine's score at every decision.
     load_score: float = field(init=False, repr=False, compare=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from mars_ray.policies.base import (
     AdmissionDecision,
     AdmissionPolicy,
+    AdmissionSnapshot,
     ClusterSignals,
     EngineLoad,
     PlacementPolicy,
@@ -52,6 +53,57 @@ class SessionState:
     service_tokens: int = 0  # attained service across turns and GPUs
     service_s: float = 0.0
     tools: ToolHistory = field(default_factory=ToolHistory)
+    queued_seq: int = 0  # its place in its scope's admission queue (arrival order)
+
+    def snapshot(self) -> SessionSnapshot:
+        t = self.ticket
+        return SessionSnapshot(
+            session_id=t.session_id,
+            arrival_s=t.arrival_s,
+            expected_work_tokens=t.expected_work_tokens,
+            scope=self.scope,
+            phase=self.phase,
+            admitted_s=self.admitted_s,
+            next_turn=self.next_turn,
+            last_engine_id=self.last_engine_id,
+            service_tokens=self.service_tokens,
+            service_s=self.service_s,
+            tool_ema_s=self.tools.ema_s,
+            tool_samples=self.tools.num_samples,
+            queued_seq=self.queued_seq,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    """One session's record in the cluster scheduler, frozen (a restart restores it)."""
+
+    session_id: str
+    arrival_s: float
+    expected_work_tokens: int
+    scope: int
+    phase: SessionPhase
+    admitted_s: float | None
+    next_turn: int
+    last_engine_id: int | None
+    service_tokens: int
+    service_s: float
+    tool_ema_s: float | None  # the tool history (its EMA and sample count)
+    tool_samples: int
+    queued_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """What :meth:`ClusterScheduler.restore` needs to go on where a scheduler stopped:
+    each scope's admission state, the scopes closed for good and the live sessions
+    (queued or active; their queue order is ``queued_seq``). The slot counts are
+    derived from the sessions' phases. Placement keeps no state (power-of-two
+    choices' random stream starts afresh)."""
+
+    admissions: tuple[AdmissionSnapshot | None, ...]
+    closed_scopes: tuple[int, ...]
+    sessions: tuple[SessionSnapshot, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +162,7 @@ class ClusterScheduler:
         self._tool_prior_s = config.retention.tool_time_prior_s
         self._tool_alpha = config.retention.tool_time_ema_alpha
         self.sessions: dict[str, SessionState] = {}
+        self._next_seq = 0
 
     @property
     def per_engine_admission(self) -> bool:
@@ -129,7 +182,7 @@ class ClusterScheduler:
         if self.per_engine_admission:
             state.last_engine_id = scope
         self.sessions[ticket.session_id] = state
-        self._queued[scope][ticket.session_id] = ticket
+        self._queue(state)
         return self._admit(scope, now_s, engines)
 
     def on_turn_finished(self, session_id: str, service_tokens: int, service_s: float) -> None:
@@ -185,11 +238,11 @@ class ClusterScheduler:
         if stranded and not engines:
             raise ValueError("no live engine to move the queued sessions to")
         scopes = set()
-        for session_id, ticket in stranded.items():
+        for session_id in stranded:
             scope = self._placement.place_new(session_id, engines)
             state = self.sessions[session_id]
             state.scope = state.last_engine_id = scope
-            self._queued[scope][session_id] = ticket
+            self._queue(state)
             scopes.add(scope)
         started: list[Placement] = []
         for scope in sorted(scopes):
@@ -261,6 +314,76 @@ class ClusterScheduler:
         if state.last_engine_id is None:
             state.last_engine_id = self._placement.place_new(session_id, engines)
         return Placement(session_id, 0, state.last_engine_id)
+
+    def _queue(self, state: SessionState) -> None:
+        state.queued_seq = self._next_seq
+        self._next_seq += 1
+        self._queued[state.scope][state.ticket.session_id] = state.ticket
+
+    # -- snapshot and restore ----------------------------------------------------------
+    def snapshot(self, *, sessions: bool = True) -> ClusterSnapshot:
+        """The scheduler's state as a frozen value; ``sessions=False`` leaves the
+        session records out (a caller that keeps them one by one,
+        :meth:`session_snapshot`)."""
+        records = tuple(
+            s.snapshot() for s in self.sessions.values() if s.phase is not SessionPhase.DONE
+        )
+        return ClusterSnapshot(
+            admissions=tuple(a.snapshot() for a in self.admissions),
+            closed_scopes=tuple(sorted(self._closed_scopes)),
+            sessions=records if sessions else (),
+        )
+
+    def session_snapshot(self, session_id: str) -> SessionSnapshot | None:
+        """One live session's record (None: unknown or done)."""
+        state = self.sessions.get(session_id)
+        if state is None or state.phase is SessionPhase.DONE:
+            return None
+        return state.snapshot()
+
+    def restore(
+        self, snapshot: ClusterSnapshot, sessions: Sequence[SessionSnapshot] | None = None
+    ) -> None:
+        """Replace this (fresh) scheduler's state with ``snapshot``'s; ``sessions``, if
+        given, instead of the snapshot's own records. Queues are rebuilt in their
+        original order, slot counts from the phases."""
+        records = snapshot.sessions if sessions is None else sessions
+        if len(snapshot.admissions) != self._num_scopes:
+            raise ValueError(
+                f"snapshot has {len(snapshot.admissions)} admission scopes, "
+                f"this scheduler {self._num_scopes}"
+            )
+        for admission, saved in zip(self.admissions, snapshot.admissions, strict=True):
+            admission.restore(saved)
+        self._closed_scopes = set(snapshot.closed_scopes)
+        self._queued = [{} for _ in range(self._num_scopes)]
+        self._num_active = [0] * self._num_scopes
+        self.sessions = {}
+        for r in sorted(records, key=lambda r: r.queued_seq):
+            if r.phase is SessionPhase.DONE:
+                continue
+            if not 0 <= r.scope < self._num_scopes:
+                raise ValueError(f"session {r.session_id!r} has scope {r.scope} out of range")
+            tools = ToolHistory(self._tool_alpha, self._tool_prior_s, r.tool_ema_s, r.tool_samples)
+            ticket = SessionTicket(r.session_id, r.arrival_s, r.expected_work_tokens)
+            state = SessionState(
+                ticket,
+                r.scope,
+                phase=r.phase,
+                admitted_s=r.admitted_s,
+                next_turn=r.next_turn,
+                last_engine_id=r.last_engine_id,
+                service_tokens=r.service_tokens,
+                service_s=r.service_s,
+                tools=tools,
+                queued_seq=r.queued_seq,
+            )
+            self.sessions[r.session_id] = state
+            if r.phase is SessionPhase.QUEUED:
+                self._queued[r.scope][r.session_id] = ticket
+            else:
+                self._num_active[r.scope] += 1
+        self._next_seq = 1 + max((r.queued_seq for r in records), default=-1)
 
     def num_queued(self) -> int:
         return sum(len(q) for q in self._queued)
