@@ -92,6 +92,8 @@ def model_engine_args(config: DeploymentConfig, model: str) -> AsyncEngineArgs:
                 "gpu": config.cluster.gpu,
                 "model": config.cluster.model,
                 "time_scale": 1.0,
+                # every tunable of the deployment's policy config reaches the engine
+                "policy_config": config.policy_config.model_dump(mode="json"),
             }
         },
     )

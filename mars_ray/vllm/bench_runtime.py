@@ -257,7 +257,12 @@ def engine_args(
         gpu_memory_utilization=engine.gpu_memory_utilization,
         disable_log_stats=False,  # the stat loggers feed admission and placement
         additional_config={
-            "mars": {"policy": policy, **profile, "time_scale": time_scale},
+            "mars": {
+                "policy": policy,
+                **profile,
+                "time_scale": time_scale,
+                "policy_config": PolicyConfig().model_dump(mode="json"),  # as the bench's
+            },
             "mars_sim": {**profile, "sleep_scale": 1.0 / time_scale},
         },
     )

@@ -91,6 +91,7 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.request import Request, RequestStatus
 
 from mars_ray.clock import Clock, WallClock
+from mars_ray.config import validated
 from mars_ray.engine.costmodel import CostModel
 from mars_ray.errors import ConfigError
 from mars_ray.policies.base import (
@@ -129,12 +130,15 @@ class MarsFeatures:
 
 @dataclass(frozen=True, slots=True)
 class MarsSchedulerSettings:
-    """``additional_config["mars"]``: policy name, cost-model profile, features, clock.
+    """``additional_config["mars"]``: policy name and tunables, cost-model profile,
+    features, clock.
 
-    ``time_scale`` is the policy clock's simulated seconds per wall second (its
-    timers, such as MLFQ aging, run that much faster): set it to ``1 / sleep_scale``
-    of a :class:`~mars_ray.vllm.executor.SimulatedExecutor` running faster than real
-    time, so that policy time and step time agree. 1 on real GPUs.
+    ``policy_config`` is the whole :class:`PolicyConfig` (MLFQ, retention, admission,
+    migration), as a mapping: validated like a deployment's policy-config file, with
+    errors naming the key. ``time_scale`` is the policy clock's simulated seconds per
+    wall second (its timers, such as MLFQ aging, run that much faster): set it to
+    ``1 / sleep_scale`` of a :class:`~mars_ray.vllm.executor.SimulatedExecutor` running
+    faster than real time, so that policy time and step time agree. 1 on real GPUs.
     """
 
     policy: str = "mars"
@@ -142,6 +146,7 @@ class MarsSchedulerSettings:
     model: str = "llama-3.1-8b"
     features: MarsFeatures = field(default_factory=MarsFeatures)
     time_scale: float = 1.0
+    policy_config: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
         if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
@@ -151,11 +156,11 @@ class MarsSchedulerSettings:
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any]) -> MarsSchedulerSettings:
-        unknown = sorted(set(given) - {"policy", "gpu", "model", "features", "time_scale"})
+        accepted = ("policy", "gpu", "model", "features", "time_scale", "policy_config")
+        unknown = sorted(set(given) - set(accepted))
         if unknown:
             raise ConfigError(
-                f"unknown {SETTINGS_KEY} keys {unknown}; "
-                "accepted: policy, gpu, model, features, time_scale"
+                f"unknown {SETTINGS_KEY} keys {unknown}; accepted: {', '.join(accepted)}"
             )
         features = given.get("features", {})
         if isinstance(features, MarsFeatures):
@@ -174,7 +179,19 @@ class MarsSchedulerSettings:
             model=str(given.get("model", "llama-3.1-8b")),
             features=features_obj,
             time_scale=float(given.get("time_scale", 1.0)),
+            policy_config=_policy_config(given.get("policy_config")),
         )
+
+
+def _policy_config(given: object) -> PolicyConfig:
+    """``policy_config`` as given (a PolicyConfig, a mapping or nothing), validated."""
+    if given is None:
+        return PolicyConfig()
+    if isinstance(given, PolicyConfig):
+        return given
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{SETTINGS_KEY}.policy_config must be a mapping, got {given!r}")
+    return validated(PolicyConfig, **given)
 
 
 class MarsScheduler(AsyncScheduler):
@@ -187,7 +204,7 @@ class MarsScheduler(AsyncScheduler):
         self.settings = MarsSchedulerSettings.from_mapping(given)
         self._clock: Clock = clock or WallClock(self.settings.time_scale)
         spec = get_policy(self.settings.policy)
-        policy_config = PolicyConfig()
+        policy_config = self.settings.policy_config  # the deployment's tunables, all of them
         self.policy_core: SchedulerPolicy = spec.make_scheduler(policy_config)
         self.retention_policy = spec.make_retention(policy_config)
         self._tool_prior_s = policy_config.retention.tool_time_prior_s

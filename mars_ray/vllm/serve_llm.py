@@ -34,7 +34,7 @@ from typing import Any
 from ray.serve.llm import LLMConfig
 
 from mars_ray.errors import ConfigError
-from mars_ray.policies.registry import get_policy
+from mars_ray.policies.registry import PolicyConfig, get_policy
 from mars_ray.vllm.scheduler import SETTINGS_KEY, MarsScheduler, MarsSchedulerSettings
 from mars_ray.vllm.session_router import DEFAULT_NUM_VIRTUAL_NODES, ROUTER_CLASS
 from mars_ray.vllm.validation import VALIDATOR_FQCN, is_registered
@@ -51,6 +51,7 @@ def mars_llm_config(
     policy: str = "mars",
     gpu: str | None = None,
     model: str | None = None,
+    policy_config: PolicyConfig | Mapping[str, Any] | None = None,
     session_router: bool = True,
     num_virtual_nodes: int = DEFAULT_NUM_VIRTUAL_NODES,
     **overrides: Any,
@@ -59,7 +60,9 @@ def mars_llm_config(
 
     ``policy`` is any name of ``mars_ray.policies.registry``; ``gpu`` / ``model`` name
     the cost-model profile that prices re-prefill in the retention decision (default
-    ``MarsSchedulerSettings``'s). ``session_router=False`` keeps Ray Serve's router.
+    ``MarsSchedulerSettings``'s). ``policy_config``: MARS tunables (a ``PolicyConfig``
+    or the mapping a policy-config file holds), validated here, passed whole to every
+    engine. ``session_router=False`` keeps Ray Serve's router.
     ``overrides`` are ``LLMConfig`` fields; their ``engine_kwargs``,
     ``deployment_config`` and ``model_loading_config`` are merged with these settings.
     Raises ``ConfigError`` (or ``UnknownNameError``) naming what is wrong, before Ray
@@ -69,6 +72,15 @@ def mars_llm_config(
     engine_kwargs = _engine_kwargs(
         dict(overrides.pop("engine_kwargs", None) or {}), policy=policy, gpu=gpu, model=model
     )
+    if policy_config is not None:
+        settings = engine_kwargs["additional_config"][SETTINGS_KEY]
+        tunables = (
+            policy_config.model_dump(mode="json")
+            if isinstance(policy_config, PolicyConfig)
+            else dict(policy_config)
+        )
+        MarsSchedulerSettings.from_mapping({**settings, "policy_config": tunables})  # check
+        settings["policy_config"] = tunables
     deployment_config = dict(overrides.pop("deployment_config", None) or {})
     if session_router and "request_router_config" not in deployment_config:
         deployment_config["request_router_config"] = {

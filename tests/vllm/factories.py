@@ -72,10 +72,13 @@ def make_scheduler(
     policy: str = "mars",
     features: MarsFeatures | None = None,
     clock: VirtualClock | None = None,
+    policy_config: dict[str, Any] | None = None,
     **config: Any,
 ) -> AsyncScheduler:
     """A ``cls`` (MarsScheduler or vLLM's AsyncScheduler) over a tiny KV cache."""
-    mars = {"policy": policy, "features": features or MarsFeatures()}
+    mars: dict[str, Any] = {"policy": policy, "features": features or MarsFeatures()}
+    if policy_config is not None:
+        mars["policy_config"] = policy_config
     vllm_config = make_vllm_config(model_dir, num_blocks=num_blocks, mars=mars, **config)
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,

@@ -531,5 +531,24 @@ def test_the_policy_clock_runs_at_the_configured_time_scale(tiny_model_dir: Path
     assert settings.time_scale == 20.0
     with pytest.raises(ConfigError, match="time_scale must be finite and > 0"):
         MarsSchedulerSettings.from_mapping({"time_scale": 0})
-    with pytest.raises(ConfigError, match="accepted: policy, gpu, model, features, time_scale"):
+    with pytest.raises(
+        ConfigError, match="accepted: policy, gpu, model, features, time_scale, policy_config"
+    ):
         MarsSchedulerSettings.from_mapping({"clock": 1})
+
+
+def test_the_whole_policy_config_reaches_the_engine(tiny_model_dir: Path) -> None:
+    """A deployment's MLFQ and retention tunables are not dropped on the way into vLLM
+    (they once were: the scheduler built PolicyConfig() and took five keys)."""
+    from mars_ray.errors import ConfigError
+    from mars_ray.vllm.scheduler import MarsSchedulerSettings
+
+    tunables = {"mlfq": {"aging_s": 7.5}, "retention": {"tool_time_prior_s": 4.0}}
+    sched = make_scheduler(MarsScheduler, tiny_model_dir, policy_config=tunables)
+    assert isinstance(sched, MarsScheduler)
+    assert sched.settings.policy_config.mlfq.aging_s == 7.5
+    assert sched._tool_prior_s == 4.0
+    with pytest.raises(ConfigError, match=r"PolicyConfig\.mlfq\.aging_s"):
+        MarsSchedulerSettings.from_mapping({"policy_config": {"mlfq": {"aging_s": -1}}})
+    with pytest.raises(ConfigError, match="PolicyConfig"):
+        MarsSchedulerSettings.from_mapping({"policy_config": {"mlfqq": {}}})

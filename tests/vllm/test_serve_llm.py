@@ -28,7 +28,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from vllm.engine.arg_utils import AsyncEngineArgs
 
 from mars_ray.errors import ConfigError, UnknownNameError
-from mars_ray.vllm.scheduler import MarsScheduler
+from mars_ray.vllm.scheduler import MarsScheduler, MarsSchedulerSettings
 from mars_ray.vllm.serve_llm import SCHEDULER_CLS, mars_llm_config
 from mars_ray.vllm.session_router import ROUTER_CLASS, MarsSessionRouter, SessionRing
 from mars_ray.vllm.validation import VALIDATOR_FQCN, is_registered
@@ -64,6 +64,18 @@ def test_the_config_passes_ray_serve_llm_and_vllm_validation(tiny_model_dir: Pat
     router_cls = router_config.get_request_router_class()  # Ray pickles it by value
     assert router_cls.__name__ == "MarsSessionRouter" and issubclass(router_cls, RequestRouter)
     assert config.deployment_config["num_replicas"] == 2
+
+
+def test_the_recipe_passes_the_whole_policy_config(tiny_model_dir: Path) -> None:
+    tunables = {"mlfq": {"aging_s": 12.0}, "retention": {"tool_time_prior_s": 3.0}}
+    config = _config(tiny_model_dir, policy_config=tunables)
+    kwargs = config.get_engine_config().get_initialization_kwargs()
+    vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
+    settings = MarsSchedulerSettings.from_mapping(vllm_config.additional_config["mars"])
+    assert settings.policy_config.mlfq.aging_s == 12.0
+    assert settings.policy_config.retention.tool_time_prior_s == 3.0
+    with pytest.raises(ConfigError, match=r"PolicyConfig\.mlfq\.aging_s"):
+        _config(tiny_model_dir, policy_config={"mlfq": {"aging_s": 0}})
 
 
 def test_callers_settings_are_merged_not_replaced(tiny_model_dir: Path) -> None:
