@@ -16,7 +16,6 @@ step boundary when a request arrives.
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from typing import cast
@@ -24,6 +23,7 @@ from typing import cast
 from mars_ray.config import EngineConfig
 from mars_ray.engine.costmodel import CostModel
 from mars_ray.engine.kv_cache import BlockPool, CpuTier
+from mars_ray.engine.pins import PinTable, turn_end_context
 from mars_ray.engine.request import EngineRequest
 from mars_ray.errors import InfeasibleError
 from mars_ray.policies.base import (
@@ -78,12 +78,6 @@ class EngineStats:
     num_reloaded_blocks: int = 0
 
 
-@dataclass(slots=True)
-class _Pin:
-    blocks: list[int]
-    expires_s: float
-
-
 class SimEngine:
     """One GPU: waiting queue, running batch, KV block pool, cost model."""
 
@@ -117,8 +111,7 @@ class SimEngine:
         self.running: list[EngineRequest] = []
         self.plan: StepPlan | None = None
         self.stats = EngineStats()
-        self._pins: dict[str, _Pin] = {}
-        self._pin_expiries: list[tuple[float, str]] = []
+        self._pins: PinTable[int] = PinTable(self.pool.free)
         self._bs = config.block_size
         self._pending_reload_s = 0.0  # CPU-tier loads to add to the next step
         # Blocks of sessions in a tool call whose KV was kept for their return: the
@@ -239,7 +232,7 @@ class SimEngine:
         """Choose the next step's batch and its duration; None when there is nothing
         to run (see :meth:`next_wakeup_s`)."""
         assert self.plan is None, "plan_step while a step is in flight"
-        self._expire_pins(now_s)
+        self._pins.expire(now_s)
         self.waiting.refresh(now_s)
         sched: dict[EngineRequest, int] = {}
         budget = self.config.max_num_batched_tokens
@@ -397,18 +390,18 @@ class SimEngine:
         max_hit = (request.num_tokens - 1) // self._bs  # at least one token is computed
         sid = request.session_id
         gpu_hit = self.pool.num_cached_prefix_blocks(sid, max_hit)
-        pin = self._pins.get(sid)
+        pinned = sid in self._pins
         cpu_hit = 0
         if self.cpu_tier is not None:
             cpu_hit = max(0, min(self.cpu_tier.num_prefix_blocks(sid), max_hit) - gpu_hit)
-        held_free = 0 if pin is not None else gpu_hit  # cached blocks still in the free queue
+        held_free = 0 if pinned else gpu_hit  # cached blocks still in the free queue
         if not self.pool.can_allocate(held_free + cpu_hit + 1):
             return False
         request.block_ids = self.pool.take_cached(sid, gpu_hit)
         if cpu_hit:
             self._reload(request, gpu_hit, cpu_hit)
-        if pin is not None:
-            self._unpin(sid)
+        if pinned:
+            self._pins.unpin(sid)
         self._num_retained_blocks -= self._retained_blocks.pop(sid, 0)
         hit_tokens = (gpu_hit + cpu_hit) * self._bs
         request.num_computed_tokens = hit_tokens
@@ -500,9 +493,10 @@ class SimEngine:
         return total
 
     def _steps_within_pin_expiry(self, plan: StepPlan, steps: int) -> int:
-        if not self._pin_expiries:
+        earliest_s = self._pins.earliest_entry_s()
+        if earliest_s is None:
             return steps
-        horizon_s = self._pin_expiries[0][0] - plan.start_s
+        horizon_s = earliest_s - plan.start_s
         while steps > 1 and plan.first_step_s * steps > horizon_s:
             steps //= 2
         return steps
@@ -571,17 +565,16 @@ class SimEngine:
     # -- turn end and retention -------------------------------------------------
     def turn_end_context(self, request: EngineRequest, predicted_tool_s: float) -> TurnEndContext:
         """What a retention policy weighs for a finished turn's KV."""
-        context = request.num_computed_tokens
         can_offload = self.cpu_tier is not None and self.cpu_tier.can_store(request.num_blocks)
-        return TurnEndContext(
+        return turn_end_context(
+            self.cost,
             session_id=request.session_id,
             num_blocks=request.num_blocks,
-            context_tokens=context,
+            context_tokens=request.num_computed_tokens,
             predicted_tool_s=predicted_tool_s,
-            recompute_s=self.cost.prefill_time_s(context, 0, self.config.max_num_batched_tokens),
-            reload_s=self.cost.swap_time_s(context),
             num_total_blocks=self.pool.num_blocks,
             num_used_blocks=self.pool.num_used_blocks,
+            chunk_budget_tokens=self.config.max_num_batched_tokens,
             can_offload=can_offload,
             is_last_turn=request.is_last_turn,
         )
@@ -603,7 +596,7 @@ class SimEngine:
         blocks, request.block_ids = request.block_ids, []
         action = decision.action
         if action is RetentionAction.PIN and decision.ttl_s > 0:
-            self._pin(request.session_id, blocks, now_s + decision.ttl_s)
+            self._pins.pin(request.session_id, blocks, now_s + decision.ttl_s)
             return
         if action is RetentionAction.OFFLOAD and self.cpu_tier is not None:
             full = request.num_computed_tokens // self._bs
@@ -622,7 +615,7 @@ class SimEngine:
         another engine): stop counting KV kept for it in the working set and drop its
         pin. Its cached blocks stay in the free queue for whoever evicts them."""
         self._num_retained_blocks -= self._retained_blocks.pop(session_id, 0)
-        self._unpin(session_id)
+        self._pins.unpin(session_id)
 
     # -- KV migration (the Ray runtime moves a session's KV between engines) --------
     def cached_prefix_blocks(self, session_id: str) -> int:
@@ -647,38 +640,14 @@ class SimEngine:
         self._retained_blocks[session_id] = num_blocks
         return num_blocks
 
-    def _pin(self, session_id: str, blocks: list[int], expires_s: float) -> None:
-        self._unpin(session_id)
-        self._pins[session_id] = _Pin(blocks, expires_s)
-        heapq.heappush(self._pin_expiries, (expires_s, session_id))
-
-    def _unpin(self, session_id: str) -> None:
-        pin = self._pins.pop(session_id, None)
-        if pin is not None:
-            self.pool.free(pin.blocks)
-
-    def _expire_pins(self, now_s: float) -> None:
-        expiries = self._pin_expiries
-        while expiries and expiries[0][0] <= now_s:
-            expires_s, sid = heapq.heappop(expiries)
-            pin = self._pins.get(sid)
-            if pin is not None and pin.expires_s == expires_s:
-                self._unpin(sid)
-
     def next_wakeup_s(self) -> float | None:
         """When an idle engine with waiting work should try again (a pin expires)."""
-        while self._pin_expiries:
-            expires_s, sid = self._pin_expiries[0]
-            pin = self._pins.get(sid)
-            if pin is not None and pin.expires_s == expires_s:
-                return expires_s
-            heapq.heappop(self._pin_expiries)
-        return None
+        return self._pins.next_expiry_s()
 
     # -- checks -------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Every block accounted for; no negative counts; running/waiting disjoint."""
-        holders = [r.block_ids for r in self.running] + [p.blocks for p in self._pins.values()]
+        holders = [r.block_ids for r in self.running] + list(self._pins.held())
         self.pool.check_invariants(holders)
         waiting = [cast(EngineRequest, r) for r in self.waiting]
         assert all(not r.block_ids for r in waiting), "a waiting request holds KV"

@@ -76,7 +76,6 @@ Private vLLM 0.29 APIs relied on (guarded by ``tests/vllm/test_private_api.py``)
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 from collections import Counter
@@ -93,6 +92,7 @@ from vllm.v1.request import Request, RequestStatus
 from mars_ray.clock import Clock, WallClock
 from mars_ray.config import validated
 from mars_ray.engine.costmodel import CostModel
+from mars_ray.engine.pins import PinTable, turn_end_context
 from mars_ray.errors import ConfigError
 from mars_ray.policies.base import (
     RetentionAction,
@@ -225,9 +225,7 @@ class MarsScheduler(AsyncScheduler):
         self.retention_actions: Counter[RetentionAction] = Counter()
         # PIN: per session, the cached blocks of its last finished turn, held with one
         # reference each; expiries on the policy clock (stale entries skipped)
-        self._pins: dict[str, _Pin] = {}
-        self._pin_expiries: list[tuple[float, str]] = []
-        self._num_pinned_blocks = 0
+        self._pins: PinTable[KVCacheBlock] = PinTable(self._free_pinned)
         self.num_expired_pins = 0  # released by their TTL
         self.num_resumed_pins = 0  # released once the session's next turn was scheduled
 
@@ -298,8 +296,8 @@ class MarsScheduler(AsyncScheduler):
     def _prepare_pass(self) -> None:
         """Expired pins back to the free queue; aging in the waiting queues; the
         policy's victim last in ``running``, where vLLM's preemption pops it."""
-        if self._pin_expiries:
-            self._expire_pins(self._now_s())
+        if self._pins:
+            self.num_expired_pins += self._pins.expire(self._now_s())
         for queue in (self.waiting, self.skipped_waiting):
             if isinstance(queue, PolicyRequestQueue):
                 queue.refresh()
@@ -466,7 +464,7 @@ class MarsScheduler(AsyncScheduler):
         if view is not None and self._pins:
             # Another turn of the session ends (scheduled, or aborted while waiting):
             # an earlier turn's pin is of no more use (this turn may pin anew, below).
-            self._unpin(view.session_id)
+            self._pins.unpin(view.session_id)
         result = super()._free_request(request, delay_free_blocks=delay_free_blocks)
         view = self._views.pop(request.request_id, None)
         if view is None:
@@ -526,16 +524,16 @@ class MarsScheduler(AsyncScheduler):
     def _turn_end_context(self, view: RequestView) -> TurnEndContext:
         pool = self.kv_cache_manager.block_pool
         num_total = pool.num_gpu_blocks - 1  # the null block is never handed out
-        context_tokens = view.request.num_tokens
-        return TurnEndContext(
+        return turn_end_context(
+            self._cost,
             session_id=view.session_id,
             num_blocks=view.num_blocks,
-            context_tokens=context_tokens,
+            context_tokens=view.request.num_tokens,
             predicted_tool_s=view.hints.expected_tool_s or self._tool_prior_s,
-            recompute_s=self._cost.prefill_time_s(context_tokens),
-            reload_s=self._cost.swap_time_s(context_tokens),
             num_total_blocks=num_total,
             num_used_blocks=num_total - pool.get_num_free_blocks(),
+            # re-prefill in chunks of this engine's own budget, as the simulator prices it
+            chunk_budget_tokens=self.scheduler_config.max_num_batched_tokens,
             can_offload=False,
             is_last_turn=view.hints.last_turn,
         )
@@ -564,34 +562,15 @@ class MarsScheduler(AsyncScheduler):
         held = [b for b in blocks if not b.is_null and b.block_hash is not None]
         rest = [b for b in blocks if b.is_null or b.block_hash is None]
         self.kv_cache_manager.block_pool.free_blocks(reversed(rest))
-        self._unpin(session)
-        if not held:
-            return
-        expires_s = self._now_s() + ttl_s
-        self._pins[session] = _Pin(held, expires_s)
-        self._num_pinned_blocks += len(held)
-        heapq.heappush(self._pin_expiries, (expires_s, session))
+        self._pins.unpin(session)
+        if held:
+            self._pins.pin(session, held, self._now_s() + ttl_s)
 
-    def _unpin(self, session_id: str) -> bool:
-        """Release the session's pin, if any: its blocks join the LRU end of the free
-        queue (those a running request references meanwhile stay with it)."""
-        pin = self._pins.pop(session_id, None)
-        if pin is None:
-            return False
-        self._num_pinned_blocks -= len(pin.blocks)
-        # tail first, as vLLM frees: within the pin, the tail is evicted first
-        self.kv_cache_manager.block_pool.free_blocks(reversed(pin.blocks))
-        if not self._pins:
-            self._pin_expiries.clear()
-        return True
-
-    def _expire_pins(self, now_s: float) -> None:
-        expiries = self._pin_expiries
-        while expiries and expiries[0][0] <= now_s:
-            expires_s, session = heapq.heappop(expiries)
-            pin = self._pins.get(session)
-            if pin is not None and pin.expires_s == expires_s and self._unpin(session):
-                self.num_expired_pins += 1
+    def _free_pinned(self, blocks: list[KVCacheBlock]) -> None:
+        """A released pin's blocks join the LRU end of the free queue (those a running
+        request references meanwhile stay with it); tail first, as vLLM frees: within
+        the pin, the tail is evicted first."""
+        self.kv_cache_manager.block_pool.free_blocks(reversed(blocks))
 
     def _release_resumed_pins(self, output: SchedulerOutput) -> None:
         """A session whose next turn was (re)admitted in this pass no longer needs its
@@ -601,29 +580,21 @@ class MarsScheduler(AsyncScheduler):
         req_ids.extend(output.scheduled_cached_reqs.resumed_req_ids)
         for req_id in req_ids:
             view = self._views.get(req_id)
-            if view is not None and self._unpin(view.session_id):
+            if view is not None and self._pins.unpin(view.session_id):
                 self.num_resumed_pins += 1
                 if not self._pins:
                     return
 
     def next_pin_expiry_s(self) -> float | None:
         """When the earliest pin expires (policy clock), or None without pins."""
-        expiries = self._pin_expiries
-        while expiries:
-            expires_s, session = expiries[0]
-            pin = self._pins.get(session)
-            if pin is not None and pin.expires_s == expires_s:
-                return expires_s
-            heapq.heappop(expiries)
-        return None
+        return self._pins.next_expiry_s()
 
     def reset_prefix_cache(
         self, reset_running_requests: bool = False, reset_connector: bool = False
     ) -> bool:
         """Pins hold cached KV only: they are released first, or vLLM's reset would
         fail on the blocks they hold."""
-        for session in list(self._pins):
-            self._unpin(session)
+        self._pins.release_all()
         return super().reset_prefix_cache(
             reset_running_requests=reset_running_requests, reset_connector=reset_connector
         )
@@ -651,20 +622,12 @@ class MarsScheduler(AsyncScheduler):
     @property
     def num_pinned_blocks(self) -> int:
         """Blocks pinned now (held for sessions in a tool call, not in the free queue)."""
-        return self._num_pinned_blocks
+        return self._pins.num_blocks
 
     @property
     def pinned_sessions(self) -> frozenset[str]:
         """Sessions whose KV is pinned now."""
-        return frozenset(self._pins)
-
-
-@dataclass(slots=True)
-class _Pin:
-    """A session's pinned KV: cached blocks in prefix order, one reference each."""
-
-    blocks: list[KVCacheBlock]
-    expires_s: float  # policy clock
+        return self._pins.sessions()
 
 
 def _now_free_and_cached(block: KVCacheBlock) -> bool:
