@@ -9,13 +9,31 @@ the field. Agent hints travel in the body's ``mars`` object::
 
 The simulated model's tokenizer counts whitespace-separated words of the message
 contents (no chat template overhead), so a replayed trace's token counts are exact.
+
+Numbers are bounded where the runtime does arithmetic with them: token ids are in
+``[0, MAX_TOKEN_ID]``, durations are finite and at most ``MAX_DURATION_S``. Sizes the
+deployment configures (body, tool argv and stdin, replay length) are checked by the
+ingress against ``DeploymentConfig`` (docs/security.md).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids are int32 in every tokenizer and engine (vLLM's included)."""
+MAX_DURATION_S = 86_400.0
+"""No tool call, hint or report is longer than a day."""
+
+
+
+def _duration(default: Any = ..., *, gt: float | None = None, **kwargs: Any) -> Any:
+    """A duration in seconds: finite (no NaN or Infinity, which JSON parsers accept),
+    >= 0 (or > ``gt``) and at most MAX_DURATION_S."""
+    bounds: dict[str, Any] = {"gt": gt} if gt is not None else {"ge": 0}
+    return Field(default, allow_inf_nan=False, le=MAX_DURATION_S, **bounds, **kwargs)
 
 
 class Hints(BaseModel):
@@ -25,8 +43,8 @@ class Hints(BaseModel):
 
     turn_index: int | None = Field(None, ge=0, description="must match the session's next turn")
     last_turn: bool = Field(False, description="the session ends after this turn")
-    expected_tool_s: float | None = Field(None, ge=0, description="estimate of the next tool")
-    tool_s: float | None = Field(None, ge=0, description="the tool before this turn took this long")
+    expected_tool_s: float | None = _duration(None, description="estimate of the next tool")
+    tool_s: float | None = _duration(None, description="the tool before this turn took this long")
 
 
 class _Open(BaseModel):
@@ -64,6 +82,15 @@ class ChatCompletionRequest(_Generation):
 class CompletionRequest(_Generation):
     prompt: str | list[int] = Field(min_length=1)
 
+    @field_validator("prompt")
+    @classmethod
+    def _token_ids(cls, prompt: str | list[int]) -> str | list[int]:
+        if isinstance(prompt, list):
+            bad = next((i for i in prompt if not 0 <= i <= MAX_TOKEN_ID), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is outside [0, {MAX_TOKEN_ID}]")
+        return prompt
+
 
 class ResponsesRequest(_Open):
     """``POST /v1/responses`` (actors/responses_api.py): OpenAI's Responses API."""
@@ -89,21 +116,27 @@ class OpenSessionRequest(BaseModel):
 
 
 class ToolReplay(BaseModel):
+    """Replay a traced tool call: ``cpu_s`` of CPU burn then ``wait_s`` of waiting
+    (simulated seconds). A benchmarking feature: refused (403) unless the deployment
+    sets ``tools.allow_replay``; ``cpu_s + wait_s`` is capped by ``tools.max_replay_s``."""
+
     model_config = ConfigDict(extra="forbid")
-    cpu_s: float = Field(ge=0, le=3600)
-    wait_s: float = Field(0.0, ge=0, le=3600)
+    cpu_s: float = _duration()
+    wait_s: float = _duration(0.0)
     burn_cpu: bool = Field(
         True, description="burn cpu_s on a real core (False: wait it out, no CPU contention)"
     )
 
 
 class ToolRunRequest(BaseModel):
-    """Run a command in the session's sandbox, or replay a traced call."""
+    """Run a command in the session's sandbox, or replay a traced call. ``argv`` and
+    ``stdin`` are bounded by ``tools.max_argv_items``, ``tools.max_argv_bytes`` and
+    ``tools.max_stdin_bytes`` (413 naming the limit)."""
 
     model_config = ConfigDict(extra="forbid")
     argv: list[str] | None = Field(None, min_length=1)
     stdin: str | None = None
-    timeout_s: float | None = Field(None, gt=0, le=3600)
+    timeout_s: float | None = _duration(None, gt=0)
     replay: ToolReplay | None = None
 
     @model_validator(mode="after")
@@ -117,7 +150,7 @@ class ToolEvent(BaseModel):
     """The agent ran a tool itself and reports how long it took."""
 
     model_config = ConfigDict(extra="forbid")
-    tool_s: float = Field(ge=0, le=86400)
+    tool_s: float = _duration()
 
 
 def count_tokens(text: str) -> int:

@@ -35,6 +35,24 @@ class ToolConfig(FrozenConfig):
     memory_bytes: int = Field(2 << 30, gt=0)
     max_output_bytes: int = Field(256 << 10, gt=0)
     max_attempts: int = Field(3, ge=1, description="a call is retried when its worker dies")
+    allow_replay: bool = Field(
+        False,
+        description="serve tool replay (POST /v1/sessions/{id}/tools with 'replay': real "
+        "CPU burn and waiting for a traced call), a benchmarking feature any client could "
+        "use to occupy the tool pool: off unless enabled (mars-ray serve "
+        "--allow-tool-replay; mars-ray bench --runtime ray enables it)",
+    )
+    max_replay_s: float = Field(
+        900.0,
+        gt=0,
+        description="cpu_s + wait_s of one replayed call, in simulated seconds (the "
+        "longest test run the swe workload generates)",
+    )
+    max_argv_items: int = Field(1024, ge=1, description="arguments of one command")
+    max_argv_bytes: int = Field(
+        1 << 20, ge=1, description="UTF-8 bytes of one command's arguments together"
+    )
+    max_stdin_bytes: int = Field(8 << 20, ge=0, description="UTF-8 bytes of one command's stdin")
 
 
 class DeploymentConfig(FrozenConfig):
@@ -69,6 +87,9 @@ class DeploymentConfig(FrozenConfig):
         "torch.distributed (sim engines, 2+ GPUs); False: it recomputes the prefix",
     )
     api_key: str | None = Field(None, description="required bearer token; None: open")
+    max_body_bytes: int = Field(
+        64 << 20, ge=1, description="larger request bodies are refused (413), chunked or not"
+    )
     session_idle_timeout_s: float = Field(
         600.0,
         gt=0,

@@ -16,7 +16,13 @@ Routes (the OpenAPI document at ``/openapi.json`` is generated from these):
   ``GET /readyz`` (readiness: the scheduler answers and a GPU worker is alive).
 
 With an API key configured, ``/v1/*`` needs ``Authorization: Bearer <key>``
-(401 otherwise). Errors use OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
+(401 otherwise). Errors use OpenAI's shape: ``{"error": {"message", "type", "code"}}``,
+every 4xx included (unknown routes and methods, unparsable bodies).
+
+Every request body is read whole by :class:`BodyGuard` before routing: over
+``max_body_bytes`` it is 413 (chunked or not), not UTF-8 or carrying a lone surrogate
+escape (``"\\ud800"``, which decodes to a Python string no encoder accepts) it is 400.
+Tool calls are held to ``tools``'s limits (docs/security.md).
 """
 
 # No `from __future__ import annotations` here: Ray Serve's class-based view replaces each
@@ -28,6 +34,7 @@ With an API key configured, ``/v1/*`` needs ``Authorization: Bearer <key>``
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -46,6 +53,8 @@ from ray.exceptions import (
     RayActorError,
     WorkerCrashedError,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mars_ray.errors import MarsError
 
@@ -80,12 +89,12 @@ from .session_identity import (
     resolve_identity,
 )
 from .tokenizer import make_tokenizer, sampled_text
+from .tool_executor import ToolLimitError, check_replay, check_tool_call
 from .turn_channel import TurnChannel, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
-MAX_BODY_BYTES = 64 << 20
 SCHEDULER_RESTART_WAIT_S = 30.0
 # The call's actor or its node went away (not an error the call itself raised):
 # retried elsewhere. A node removal can surface as lost objects rather than a dead actor.
@@ -105,16 +114,138 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     )
 
 
+# JSON escapes of UTF-16 surrogates; a lone one decodes to a str that cannot be encoded
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """Whether the JSON ``body`` decodes to a string with a lone surrogate (only parsed
+    when it has a surrogate escape at all: pairs, e.g. escaped emoji, are fine)."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON at all: the route's parser says so
+    return False
+
+
+class BodyGuard:
+    """ASGI middleware: read the request body before routing, refusing one larger than
+    ``max_bytes`` (413; by its Content-Length before reading, and by count for chunked
+    bodies, which stop being read at the limit) or one that is not Unicode text (400),
+    then hand the app the body it read."""
+
+    max_bytes = 64 << 20  # the Ingress sets its deployment's max_body_bytes
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = BodyGuard.max_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(scope, send, f"request body of {declared} bytes", limit)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _refuse(scope, send, "request body", limit)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            await _send_error(scope, send, 400, f"request body is not UTF-8 (byte {exc.start})")
+            return
+        if _has_lone_surrogate(body):
+            await _send_error(
+                scope,
+                send,
+                400,
+                "request body has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                "not Unicode text",
+            )
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()  # e.g. http.disconnect, for streaming responses
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _refuse(scope: Scope, send: Send, what: str, limit: int) -> None:
+    message = f"{what} is over the limit of {limit} bytes (max_body_bytes)"
+    await _send_error(scope, send, 413, message)
+
+
+async def _send_error(scope: Scope, send: Send, status: int, message: str) -> None:
+    code = "body_too_large" if status == 413 else "invalid_body"
+    response = _error(status, message, code)
+    response.headers["connection"] = "close"  # the rest of the body is not read
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
 app = FastAPI(
     title="mars-ray",
     version="0.1.0",
     description="Agent-aware LLM serving: OpenAI API with MARS sessions and tools.",
 )
+app.add_middleware(BodyGuard)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.code)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing's own 4xx (unknown path, method not allowed, unparsable body) in the
+    API's error shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    response = _error(exc.status_code, str(exc.detail), code)
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value  # e.g. Allow on a 405
+    return response
+
+
+@app.exception_handler(ToolLimitError)
+async def _tool_limit(_: Request, exc: ToolLimitError) -> JSONResponse:
+    return _error(exc.status, str(exc), exc.code)
 
 
 @app.exception_handler(RequestValidationError)
@@ -462,6 +593,7 @@ class Ingress:
         from mars_ray.cluster.launch import ensure_runtime, find_runtime
 
         self.config = DeploymentConfig(**config)
+        BodyGuard.max_bytes = self.config.max_body_bytes  # one Ingress per replica process
         # A replica restarted after a failure joins the running runtime (whatever
         # survived); only the first replica of a deployment creates it.
         self.runtime = find_runtime(self.config) or ensure_runtime(self.config)
@@ -597,6 +729,10 @@ class Ingress:
         self, session_id: str, body: ToolRunRequest, request: Request
     ) -> dict[str, Any]:
         self._check_key(request)
+        if body.replay is not None:
+            check_replay(self.config.tools, body.replay.cpu_s, body.replay.wait_s)
+        else:
+            check_tool_call(self.config.tools, body.argv or (), body.stdin)
         attempts = self.config.tools.max_attempts
         last_error = ""
         for attempt in range(1, attempts + 1):
@@ -621,6 +757,8 @@ class Ingress:
                 continue
             except Exception as exc:
                 cause = getattr(exc, "cause", exc)
+                if isinstance(cause, ToolLimitError):
+                    raise cause from None
                 if isinstance(cause, MarsError):
                     raise ApiError(400, str(cause), "tool_refused") from None
                 raise
@@ -726,6 +864,13 @@ class Ingress:
             request.headers, body.session_id, body.model_extra or {}, self.config.session_id_headers
         )
         sid = identity.session_id
+        if sid is not None and not (sid.isascii() and sid.isprintable()):
+            # it is echoed in the x-session-id response header, which is ASCII
+            raise ApiError(
+                400,
+                f"session id from {identity.source} must be printable ASCII, got {sid!r}",
+                "invalid_session_id",
+            )
         if chained_session is not None:
             if sid is not None and sid != chained_session:
                 raise ApiError(

@@ -144,6 +144,16 @@ _IFREQ = struct.Struct("16sh22x")  # struct ifreq: name, flags, rest of the unio
 _MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no file, pipe or exec argument can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _load_libc() -> ctypes.CDLL | None:
     if sys.platform != "linux":
         return None
@@ -366,6 +376,8 @@ class Sandbox:
         """
         limits = self.limits if limits is None else limits
         command = self._checked_argv(argv)
+        if stdin is not None and not _is_unicode(stdin):
+            raise SandboxError("stdin has a lone surrogate (\\ud800-\\udfff): not Unicode text")
         child_env = self._child_env(env)
         self._ensure_dir()
         started_s = time.monotonic()
@@ -397,6 +409,8 @@ class Sandbox:
         for arg in command:
             if not isinstance(arg, str) or "\0" in arg:
                 raise SandboxError(f"argv elements must be strings without NUL, got {arg!r}")
+            if not _is_unicode(arg):
+                raise SandboxError(f"argv element {arg!r} has a lone surrogate: not Unicode text")
         self._check_executable(command[0])
         for arg in command[1:]:
             self._check_argument(arg)

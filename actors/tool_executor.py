@@ -5,6 +5,10 @@ subprocess, timeout, CPU / memory / output limits), or replays a traced call as 
 CPU burn plus waiting so that CPU contention between tools is real. Calls beyond
 the node's slots queue; the queue wait, in-flight count and CPU time feed AIMD
 admission through :class:`~mars_ray.telemetry.ToolPoolSnapshot`.
+
+:func:`check_tool_call` and :func:`check_replay` hold a call to the deployment's
+limits (``ToolConfig``): the ingress applies them before a call reaches a pool, the
+pool again on arrival. docs/security.md has the threat model.
 """
 
 from __future__ import annotations
@@ -17,11 +21,69 @@ from pathlib import Path
 
 import ray
 
+from mars_ray.errors import MarsError
 from mars_ray.telemetry import ToolPoolSnapshot
 
-from .config import DeploymentConfig
+from .config import DeploymentConfig, ToolConfig
 from .messages import ToolOutcome
 from .sandbox import Sandbox, SandboxLimits, replay_tool_call
+
+
+class ToolLimitError(MarsError):
+    """A tool call the deployment's limits refuse: ``status`` 403 (a feature that is
+    off) or 413 / 400 (over a size), the message names the limit."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def check_tool_call(tools: ToolConfig, argv: Sequence[str], stdin: str | None) -> None:
+    """Refuse a command whose argv or stdin is over ``tools``'s limits."""
+    if len(argv) > tools.max_argv_items:
+        raise ToolLimitError(
+            413,
+            "argv_too_long",
+            f"argv has {len(argv)} arguments; the limit is tools.max_argv_items = "
+            f"{tools.max_argv_items}",
+        )
+    argv_bytes = sum(len(arg.encode("utf-8", "surrogatepass")) for arg in argv)
+    if argv_bytes > tools.max_argv_bytes:
+        raise ToolLimitError(
+            413,
+            "argv_too_long",
+            f"argv is {argv_bytes} bytes; the limit is tools.max_argv_bytes = "
+            f"{tools.max_argv_bytes}",
+        )
+    # n characters are at most 4n bytes of UTF-8: encode only when that could be over
+    if stdin is not None and len(stdin) * 4 > tools.max_stdin_bytes:
+        stdin_bytes = len(stdin.encode("utf-8", "surrogatepass"))
+        if stdin_bytes > tools.max_stdin_bytes:
+            raise ToolLimitError(
+                413,
+                "stdin_too_large",
+                f"stdin is {stdin_bytes} bytes; the limit is tools.max_stdin_bytes = "
+                f"{tools.max_stdin_bytes}",
+            )
+
+
+def check_replay(tools: ToolConfig, cpu_s: float, wait_s: float) -> None:
+    """Refuse a replay when the deployment does not serve replays, or one longer than
+    ``tools.max_replay_s``."""
+    if not tools.allow_replay:
+        raise ToolLimitError(
+            403,
+            "tool_replay_disabled",
+            "tool replay is off on this deployment (a benchmarking feature: "
+            "tools.allow_replay, mars-ray serve --allow-tool-replay)",
+        )
+    if not cpu_s + wait_s <= tools.max_replay_s:
+        raise ToolLimitError(
+            400,
+            "tool_replay_too_long",
+            f"replay cpu_s + wait_s = {cpu_s + wait_s:g} s; the limit is "
+            f"tools.max_replay_s = {tools.max_replay_s:g} s",
+        )
 
 
 class ToolExecutorImpl:
@@ -60,7 +122,9 @@ class ToolExecutorImpl:
         stdin: str | None = None,
         timeout_s: float | None = None,
     ) -> ToolOutcome:
-        """Run ``argv`` in the session's sandbox (refusals raise SandboxError)."""
+        """Run ``argv`` in the session's sandbox (refusals raise SandboxError, calls
+        over the deployment's limits ToolLimitError)."""
+        check_tool_call(self.config.tools, argv, stdin)
         box = self._sandbox(session_id)
         limits = None
         if timeout_s is not None:
@@ -100,7 +164,9 @@ class ToolExecutorImpl:
         """Replay a traced call: ``cpu_s`` of real CPU burn then ``wait_s`` of waiting,
         both in simulated seconds (divided by the time scale). Returns simulated times.
         ``burn_cpu=False`` waits the CPU time out instead (no contention: for comparing
-        scheduling with a simulator whose CPU pool this host cannot reproduce)."""
+        scheduling with a simulator whose CPU pool this host cannot reproduce).
+        Refused (ToolLimitError) unless the deployment allows replays this long."""
+        check_replay(self.config.tools, cpu_s, wait_s)
         scale = self.time_scale
         started_s = time.monotonic()
         self.num_in_flight += 1

@@ -76,6 +76,7 @@ def run_ray(
         time_scale=time_scale,
         placement_strategy="SPREAD" if cluster.num_nodes > 1 else "PACK",
         seed=seed,
+        tools={"allow_replay": True, "max_replay_s": 86_400.0},  # replays every traced call
     )
     if any(f.kind == "remove-node" for f in faults) and (cluster.num_nodes < 2 or address):
         raise ConfigError(

@@ -56,6 +56,15 @@ def serve_command(
             "and KV. Stock agents never close their sessions (docs/agents.md)",
         ),
     ] = 600.0,
+    allow_tool_replay: Annotated[
+        bool,
+        typer.Option(
+            "--allow-tool-replay",
+            help="serve tool replay (POST /v1/sessions/{id}/tools with 'replay': CPU burn "
+            "and waiting for a traced call), a benchmarking feature any client could use "
+            "to occupy the tool pool; off by default (docs/security.md)",
+        ),
+    ] = False,
     session_id_header: Annotated[
         list[str] | None,
         typer.Option(
@@ -81,6 +90,7 @@ def serve_command(
         "session_idle_timeout_s": session_idle_timeout_s,
         "session_idle_timeout_max_s": max(2400.0, session_idle_timeout_s),
         "session_id_headers": tuple(session_id_header or ()),
+        "tools": {"allow_replay": allow_tool_replay},
     }
     if vllm_model is not None:
         args["model_name"] = vllm_model

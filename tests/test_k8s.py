@@ -384,6 +384,7 @@ def test_serve_args_are_a_valid_deployment_config(overlay: str, tmp_path: Path) 
     if not config.simulated_device:
         assert config.model_name == config.vllm_model
     assert config.policy == "mars"
+    assert not config.tools.allow_replay, "tool replay is a benchmarking feature (docs/security.md)"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

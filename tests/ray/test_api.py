@@ -29,7 +29,12 @@ def deployment(port: int) -> Iterator[RunningDeployment]:
             "placement_strategy": "STRICT_SPREAD",
             "time_scale": TIME_SCALE,
             "api_key": KEY,
-            "tools": {"timeout_s": 5.0, "max_output_bytes": 4096},
+            "tools": {
+                "timeout_s": 5.0,
+                "max_output_bytes": 4096,
+                "allow_replay": True,  # replays traced tool calls (off by default)
+                "max_replay_s": 60.0,
+            },
         }
     )
     with running_deployment(config, num_nodes=2, port=port) as running:
@@ -229,6 +234,13 @@ def test_session_close_returns_its_summary(http: httpx.Client) -> None:
         (lambda h: h.delete("/v1/sessions/nope"), 404, "nope"),
         (lambda h: h.post("/v1/sessions/nope/tools", json={"argv": ["ls"]}), 404, "nope"),
         (lambda h: h.post("/v1/sessions", json={"session_id": "bad id!"}), 400, "session_id"),
+        (
+            lambda h: h.post(
+                "/v1/sessions/nope/tools", json={"replay": {"cpu_s": 50, "wait_s": 11}}
+            ),
+            400,
+            "tools.max_replay_s = 60",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(http: httpx.Client, call, status: int, needle: str) -> None:  # type: ignore[no-untyped-def]

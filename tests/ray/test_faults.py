@@ -27,6 +27,7 @@ def deployment(port: int) -> Iterator[RunningDeployment]:
             "cluster": {"num_gpus": 4, "num_nodes": 2},
             "placement_strategy": "SPREAD",
             "time_scale": TIME_SCALE,
+            "tools": {"allow_replay": True},  # the tests replay traced tool calls
         }
     )
     with running_deployment(config, num_nodes=2, port=port) as running:

@@ -75,6 +75,7 @@ def deployment(port: int) -> Iterator[RunningDeployment]:
             "cluster": {"num_gpus": NUM_GPUS, "num_nodes": 1},
             "time_scale": TIME_SCALE,
             "api_key": KEY,  # Prometheus scrapes without it: /metrics must stay open
+            "tools": {"allow_replay": True},  # every session replays a traced tool call
         }
     )
     with running_deployment(config, port=port) as running:
