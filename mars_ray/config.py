@@ -181,6 +181,13 @@ class ClusterConfig(FrozenConfig):
     gpu: str = "h100-80gb"
     model: str = "llama-3.1-8b"
     cpu_cores_per_gpu: int = Field(16, ge=1, description="tool-pool cores per GPU on a node")
+    node_gpus: tuple[str, ...] | None = Field(
+        None, description="GPU name of each node (a mixed cluster); None: every node has gpu"
+    )
+    node_cpu_cores: tuple[int, ...] | None = Field(
+        None,
+        description="tool-pool cores of each node; None: cpu_cores_per_gpu x GPUs per node",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -188,7 +195,32 @@ class ClusterConfig(FrozenConfig):
             raise ValueError(
                 f"num_gpus ({self.num_gpus}) must be a multiple of num_nodes ({self.num_nodes})"
             )
+        for name, values in (
+            ("node_gpus", self.node_gpus),
+            ("node_cpu_cores", self.node_cpu_cores),
+        ):
+            if values is not None and len(values) != self.num_nodes:
+                raise ValueError(
+                    f"{name} needs one value per node ({self.num_nodes}), got {len(values)}"
+                )
+        if self.node_cpu_cores is not None and min(self.node_cpu_cores) < 1:
+            raise ValueError("node_cpu_cores must be >= 1")
         return self
+
+    def node_gpu(self, node_id: int) -> str:
+        """The GPU name of node ``node_id``."""
+        return self.gpu if self.node_gpus is None else self.node_gpus[node_id]
+
+    def node_cores(self, node_id: int) -> int:
+        """The tool-pool cores of node ``node_id``."""
+        if self.node_cpu_cores is not None:
+            return self.node_cpu_cores[node_id]
+        return self.cpu_cores_per_node
+
+    @property
+    def gpu_names(self) -> tuple[str, ...]:
+        """Every GPU's name, in engine order."""
+        return tuple(self.node_gpu(i // self.gpus_per_node) for i in range(self.num_gpus))
 
     @property
     def gpus_per_node(self) -> int:

@@ -867,7 +867,7 @@ def test_window_shrinks_on_a_tick_and_holds_back_admission() -> None:
 
 def test_tick_admits_shortest_first_under_kv_pressure() -> None:
     sched = cluster_scheduler(window_min_per_gpu=1, window_init_per_gpu=1, window_max_per_gpu=3)
-    engines = [load(0)]
+    engines = [load(0, running=1)]  # busy: work conservation stays out of it
     sched.on_session_arrival(ticket("a", 0.0, 100), 0.0, engines)
     sched.on_session_arrival(ticket("long", 1.0, 9000), 1.0, engines)
     sched.on_session_arrival(ticket("short", 2.0, 10), 2.0, engines)
@@ -976,6 +976,12 @@ EXPECTED_POLICIES = {
     "mars-no-stale-guard",
     "mars-no-unified-eviction",
     "mars-local",
+    "mars-local-affine",
+    "mars-early-bind",
+    "mars-no-work-conservation",
+    "mars-no-cpu-aware",
+    "mars-no-rebalance",
+    "mars-no-capacity-weight",
     "fcfs",
     "autellix",
     "continuum",
@@ -1132,7 +1138,13 @@ def _drive(cluster: ClusterScheduler, engines: list[EngineLoad], start: int, end
 def test_cluster_snapshot_round_trips_and_the_restored_scheduler_decides_alike(
     policy: str,
 ) -> None:
-    engines = [load(0), load(1, running=2), load(2, kv=0.4), load(3)]
+    # every GPU busy: work conservation (mars) leaves the queue to the window
+    engines = [
+        load(0, running=1),
+        load(1, running=2),
+        load(2, kv=0.4, running=1),
+        load(3, waiting=1),
+    ]
     original = cluster_scheduler(
         policy, num_engines=4, window_init_per_gpu=1, window_min_per_gpu=1, window_max_per_gpu=2
     )

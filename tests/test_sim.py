@@ -462,3 +462,76 @@ def test_admission_reads_the_kv_working_set_in_the_simulator() -> None:
     sim._on_tick = check  # type: ignore[method-assign]
     sim.run(horizon_s=120.0)
     assert max(gaps) > 0.05  # the two signals did differ, so the test can tell them apart
+
+
+# --------------------------------------------------------------------------- global mechanisms
+
+
+MIXED = ClusterConfig(num_gpus=4, num_nodes=2, node_gpus=("h100-80gb", "h200-141gb"))
+
+
+def test_a_mixed_cluster_gives_each_engine_its_gpu_and_a_capacity_weight() -> None:
+    sim = ClusterSim(
+        swe_sessions(num_sessions=4),
+        "mars",
+        cluster=MIXED,
+        engine=EngineConfig(),
+        policy_config=PolicyConfig(),
+    )
+    blocks = [e.pool.num_blocks for e in sim.engines]
+    assert blocks[0] == blocks[1] < blocks[2] == blocks[3]
+    weights = [e.capacity_weight for e in sim.engines]
+    assert weights[:2] == [1.0, 1.0] and weights[2] == pytest.approx(blocks[2] / blocks[0])
+    assert sim.scheduler.windows() == [int(30 * sum(weights))]
+    flat = ClusterSim(
+        swe_sessions(num_sessions=4),
+        "mars-no-capacity-weight",
+        cluster=MIXED,
+        engine=EngineConfig(),
+        policy_config=PolicyConfig(),
+    )
+    assert [e.capacity_weight for e in flat.engines] == [1.0] * 4
+    assert flat.scheduler.windows() == [120]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "mars",
+        "mars-local-affine",
+        "mars-early-bind",
+        "mars-no-work-conservation",
+        "mars-no-rebalance",
+    ],
+)
+def test_global_mechanisms_keep_every_invariant_in_a_saturated_mixed_run(policy: str) -> None:
+    sessions = swe_sessions(num_sessions=40, rate_per_s=20.0)
+    cluster = MIXED.model_copy(update={"node_cpu_cores": (2, 32)})
+    result = simulate(
+        sessions,
+        policy,
+        cluster=cluster,
+        engine=EngineConfig(num_gpu_blocks_override=1100),
+        check_invariants=True,
+    )
+    assert all(s.completed for s in result.sessions)
+    assert_requests_match_specs(result, sessions)
+    if policy == "mars-local-affine":  # affine: every turn of a session on one GPU
+        by_session: dict[str, set[int]] = {}
+        for r in result.requests:
+            by_session.setdefault(r.session_id, set()).add(r.engine_id)
+        assert all(len(engines) == 1 for engines in by_session.values())
+        assert result.counters.num_kv_moves == 0
+
+
+def test_cpu_aware_placement_keeps_new_sessions_off_a_cpu_hot_node() -> None:
+    tests = Turn(500, 50, 20.0, 0.0, "run_tests")  # 20 CPU-seconds of tool each turn
+    sessions = [SessionSpec(f"s{i}", 0.2 * i, (tests, tests, Turn(100, 20))) for i in range(30)]
+    cluster = ClusterConfig(num_gpus=4, num_nodes=2, node_cpu_cores=(2, 64))
+
+    def first_turns_on_hot_node(policy: str) -> int:
+        result = simulate(sessions, policy, cluster=cluster)
+        assert all(s.completed for s in result.sessions)
+        return sum(1 for r in result.requests if r.turn_index == 0 and r.engine_id < 2)
+
+    assert first_turns_on_hot_node("mars") < first_turns_on_hot_node("mars-no-cpu-aware")

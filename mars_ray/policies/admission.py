@@ -58,11 +58,12 @@ class AimdAdmission(AdmissionPolicy):
       (the engines' figures do not hold them yet).
     """
 
-    def __init__(self, config: AdmissionConfig, num_gpus: int = 1) -> None:
+    def __init__(self, config: AdmissionConfig, num_gpus: float = 1) -> None:
+        # ``num_gpus`` may be fractional: GPUs weighted by capacity (a mixed cluster)
         self._config = config
         self._num_gpus = num_gpus
-        self._w_min = config.window_min_per_gpu * num_gpus
-        self._w_max = config.window_max_per_gpu * num_gpus
+        self._w_min = max(1, round(config.window_min_per_gpu * num_gpus))
+        self._w_max = max(self._w_min, round(config.window_max_per_gpu * num_gpus))
         self._window = float(config.window_init_per_gpu * num_gpus)
         self._pressure = Pressure.NONE
         self._cpu_overloaded = False
@@ -74,7 +75,8 @@ class AimdAdmission(AdmissionPolicy):
 
     def window(self) -> int | None:
         if self._stale:
-            return min(int(self._window), self._config.stale_window_per_gpu * self._num_gpus)
+            stale_window = max(1, round(self._config.stale_window_per_gpu * self._num_gpus))
+            return min(int(self._window), stale_window)
         return int(self._window)
 
     @property
@@ -154,7 +156,7 @@ class AimdAdmission(AdmissionPolicy):
         cfg = self._config
         tail = all(self.is_long(t) for t in waiting) and not self._stale
         per_gpu = cfg.tail_long_max_in_flight_per_gpu if tail else cfg.long_max_in_flight_per_gpu
-        long_free = 0 if self._stale else per_gpu * self._num_gpus
+        long_free = 0 if self._stale else round(per_gpu * self._num_gpus)
         long_free -= sum(1 for _, long in self._first_turns.values() if long)
         budget_tokens = self._kv_budget_tokens(tail)
         selected: list[SessionTicket] = []

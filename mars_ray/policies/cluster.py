@@ -7,6 +7,7 @@ call and act on the returned :class:`Placement` list (start those turns).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from mars_ray.policies.base import (
     PlacementPolicy,
     SessionTicket,
 )
+from mars_ray.policies.placement import RebalanceRule
 from mars_ray.policies.registry import PolicyConfig, PolicySpec
 from mars_ray.session import ToolHistory
 
@@ -38,6 +40,20 @@ class Placement:
     session_id: str
     turn_index: int
     engine_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Rebalancing: the session (in a tool call) now belongs to engine ``to_engine``;
+    the runtime moves its KV from ``from_engine`` (or lets the new engine recompute)."""
+
+    session_id: str
+    from_engine: int
+    to_engine: int
+
+
+#: work conservation starts a session on an idle GPU only below this KV working set
+WORK_CONSERVATION_KV_BELOW = 0.85
 
 
 @dataclass(slots=True)
@@ -128,8 +144,11 @@ def scope_signals(
     load summed over its nodes' pools. ``kv_capacity_tokens`` is the scope's KV in
     tokens (0: unknown), ``observed_s`` when the engines were polled (None: now)."""
     kvs = [e if isinstance(e, float | int) else e.kv_working_set for e in engines]
+    # a mixed cluster's mean is weighted by each engine's capacity (its share of the KV)
+    weights = [1.0 if isinstance(e, float | int) else e.capacity_weight for e in engines]
+    total = sum(weights)
     return ClusterSignals(
-        kv_usage=sum(kvs) / len(kvs) if kvs else 0.0,
+        kv_usage=sum(k * w for k, w in zip(kvs, weights, strict=True)) / total if kvs else 0.0,
         num_tools_in_flight=sum(p.num_in_flight for p in pools),
         num_tool_workers=sum(p.num_workers for p in pools),
         tool_wait_ema_s=sum(p.wait_ema_s for p in pools) / len(pools) if pools else 0.0,
@@ -147,20 +166,32 @@ class ClusterScheduler:
         config: PolicyConfig,
         num_engines: int,
         rng: random.Random,
+        *,
+        capacity_weights: Sequence[float] | None = None,
     ) -> None:
         self._spec = spec
         self._placement: PlacementPolicy = spec.make_placement(rng)
         per_engine = spec.admission_scope == "engine"
         self._num_scopes = num_engines if per_engine else 1
-        gpus_per_scope = 1 if per_engine else num_engines
+        # windows scale with capacity: a GPU counts as its weight (1 on a uniform cluster)
+        weights = list(capacity_weights or [1.0] * num_engines)
+        if len(weights) != num_engines or min(weights) <= 0:
+            raise ValueError(f"need {num_engines} positive capacity weights, got {weights}")
+        if not spec.capacity_weighted:
+            weights = [1.0] * num_engines
+        scope_gpus = weights if per_engine else [sum(weights)]
         self.admissions: list[AdmissionPolicy] = [
-            spec.make_admission(config, gpus_per_scope) for _ in range(self._num_scopes)
+            spec.make_admission(config, gpus) for gpus in scope_gpus
         ]
         self._queued: list[dict[str, SessionTicket]] = [{} for _ in range(self._num_scopes)]
         self._num_active = [0] * self._num_scopes
         self._closed_scopes: set[int] = set()  # engines gone for good (per-engine scopes)
         self._tool_prior_s = config.retention.tool_time_prior_s
         self._tool_alpha = config.retention.tool_time_ema_alpha
+        self._late_binding = spec.late_binding or per_engine
+        self._work_conserving = spec.work_conserving
+        self._rebalance = RebalanceRule() if spec.rebalance and not per_engine else None
+        self._in_tool: dict[str, None] = {}  # admitted sessions between turns (ordered)
         self.sessions: dict[str, SessionState] = {}
         self._next_seq = 0
 
@@ -181,9 +212,11 @@ class ClusterScheduler:
         state = SessionState(ticket, scope, tools=ToolHistory(self._tool_alpha, self._tool_prior_s))
         if self.per_engine_admission:
             state.last_engine_id = scope
+        elif not self._late_binding:  # bound on arrival, started when admitted
+            state.last_engine_id = self._placement.place_new(ticket.session_id, engines)
         self.sessions[ticket.session_id] = state
         self._queue(state)
-        return self._admit(scope, now_s, engines)
+        return self._admit(scope, now_s, list(engines))
 
     def on_turn_finished(self, session_id: str, service_tokens: int, service_s: float) -> None:
         """A turn ended; record its GPU service (tokens computed, step time scheduled)."""
@@ -193,6 +226,7 @@ class ClusterScheduler:
         if state.next_turn == 0:
             self.admissions[state.scope].on_first_turn_done(session_id)
         state.next_turn += 1
+        self._in_tool[session_id] = None  # until its tool ends or the session does
 
     def on_tool_finished(
         self, session_id: str, tool_s: float, engines: Sequence[EngineLoad]
@@ -200,6 +234,7 @@ class ClusterScheduler:
         """The tool after a turn ended: place the session's next turn."""
         state = self.sessions[session_id]
         state.tools.observe(tool_s)
+        self._in_tool.pop(session_id, None)
         engine_id = self._placement.place_continuation(session_id, state.last_engine_id, engines)
         state.last_engine_id = engine_id
         return Placement(session_id, state.next_turn, engine_id)
@@ -245,8 +280,9 @@ class ClusterScheduler:
             self._queue(state)
             scopes.add(scope)
         started: list[Placement] = []
+        live = list(engines)
         for scope in sorted(scopes):
-            started += self._admit(scope, now_s, engines)
+            started += self._admit(scope, now_s, live)
         return started
 
     def on_session_finished(
@@ -257,9 +293,10 @@ class ClusterScheduler:
         if state.phase is not SessionPhase.ACTIVE:
             raise ValueError(f"session {session_id!r} finished while {state.phase.value}")
         state.phase = SessionPhase.DONE
+        self._in_tool.pop(session_id, None)
         self._num_active[state.scope] -= 1
         self.admissions[state.scope].on_session_done(session_id)
-        return self._admit(state.scope, now_s, engines)
+        return self._admit(state.scope, now_s, list(engines))
 
     def on_session_cancelled(
         self, session_id: str, now_s: float, engines: Sequence[EngineLoad]
@@ -288,11 +325,16 @@ class ClusterScheduler:
         """Control tick: one signal set per admission scope; returns decisions and starts."""
         decisions = [a.on_tick(s, now_s) for a, s in zip(self.admissions, signals, strict=True)]
         started: list[Placement] = []
+        live = list(engines)  # updated as sessions are placed on them below
         for scope in range(self._num_scopes):
-            started += self._admit(scope, now_s, engines)
+            started += self._admit(scope, now_s, live)
+            if self._work_conserving:
+                started += self._conserve_work(scope, now_s, live)
         return decisions, started
 
-    def _admit(self, scope: int, now_s: float, engines: Sequence[EngineLoad]) -> list[Placement]:
+    def _admit(self, scope: int, now_s: float, engines: list[EngineLoad]) -> list[Placement]:
+        """Start the sessions this scope's window lets in; ``engines`` (a private copy)
+        is updated as they are placed."""
         queued = self._queued[scope]
         if not queued or scope in self._closed_scopes:
             return []
@@ -306,14 +348,79 @@ class ClusterScheduler:
             started.append(self._start(ticket.session_id, now_s, engines))
         return started
 
-    def _start(self, session_id: str, now_s: float, engines: Sequence[EngineLoad]) -> Placement:
+    def _conserve_work(
+        self, scope: int, now_s: float, engines: list[EngineLoad]
+    ) -> list[Placement]:
+        """Work conservation: while sessions wait in this scope's queue, a GPU with
+        nothing running or waiting takes one of them beyond the window, unless that
+        would thrash: admission reports an overload (KV or CPU) or stale signals, or
+        the GPU's KV working set is at or above ``WORK_CONSERVATION_KV_BELOW``. The
+        admission's own gates (long prefills, KV fit) still apply."""
+        queued = self._queued[scope]
+        if not queued or scope in self._closed_scopes:
+            return []
+        admission = self.admissions[scope]
+        if not admission.may_exceed_window():
+            return []
+        idle = [
+            e
+            for e in engines
+            if e.num_running == 0
+            and e.num_waiting == 0
+            and e.kv_working_set < WORK_CONSERVATION_KV_BELOW
+            and (not self.per_engine_admission or e.engine_id == scope)
+        ]
+        if not idle:
+            return []
+        idle.sort(key=lambda e: (e.load_score, e.engine_id))
+        started = []
+        selected = admission.select(list(queued.values()), len(idle))
+        for ticket, engine in zip(selected, idle, strict=False):
+            del queued[ticket.session_id]
+            state = self.sessions[ticket.session_id]
+            if state.last_engine_id is None:
+                state.last_engine_id = engine.engine_id
+            started.append(self._start(ticket.session_id, now_s, engines))
+        return started
+
+    def _start(self, session_id: str, now_s: float, engines: list[EngineLoad]) -> Placement:
+        """Admit a queued session and bind it to an engine (late binding: the one with
+        room now). ``engines`` is updated in place to count the new turn as waiting on
+        its engine, so sessions admitted together spread over the GPUs."""
         state = self.sessions[session_id]
         state.phase = SessionPhase.ACTIVE
         state.admitted_s = now_s
         self._num_active[state.scope] += 1
         if state.last_engine_id is None:
             state.last_engine_id = self._placement.place_new(session_id, engines)
+        for i, e in enumerate(engines):
+            if e.engine_id == state.last_engine_id:
+                engines[i] = dataclasses.replace(e, num_waiting=e.num_waiting + 1)
+                break
         return Placement(session_id, 0, state.last_engine_id)
+
+    # -- rebalancing --------------------------------------------------------------
+    def rebalance(self, engines: Sequence[EngineLoad]) -> list[Move]:
+        """Rebalancing (policies with ``rebalance``): sessions in a tool call that move
+        off engines far more loaded than the others (:class:`RebalanceRule`), longest
+        predicted tool first, each at most once per tool call. Their next turn is
+        placed on the new engine; the caller moves their KV (when the migration rule
+        says the copy beats recomputing)."""
+        if self._rebalance is None or not self._in_tool:
+            return []
+        in_tool: dict[int, list[str]] = {}
+        for session_id in self._in_tool:
+            engine_id = self.sessions[session_id].last_engine_id
+            if engine_id is not None:
+                in_tool.setdefault(engine_id, []).append(session_id)
+        for sessions in in_tool.values():
+            sessions.sort(key=lambda s: -self.sessions[s].tools.predict_s())
+        moves = []
+        for session_id, src, dst in self._rebalance.plan(engines, in_tool):
+            self.sessions[session_id].last_engine_id = dst
+            del self._in_tool[session_id]  # one move per tool call
+            moves.append(Move(session_id, src, dst))
+        return moves
 
     def _queue(self, state: SessionState) -> None:
         state.queued_seq = self._next_seq

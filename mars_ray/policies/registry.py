@@ -7,6 +7,7 @@ loads an out-of-tree :class:`PolicySpec`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -32,7 +33,11 @@ from mars_ray.policies.base import (
 from mars_ray.policies.baselines import FcfsScheduler, PlasScheduler, ProgramFcfsScheduler
 from mars_ray.policies.migration import KvMigrationRule
 from mars_ray.policies.mlfq import MlfqScheduler
-from mars_ray.policies.placement import KvAffinePlacement, PowerOfTwoPlacement
+from mars_ray.policies.placement import (
+    KvAffinePlacement,
+    PowerOfTwoPlacement,
+    SessionAffinePlacement,
+)
 from mars_ray.policies.retention import (
     BenefitRetention,
     LruRetention,
@@ -57,6 +62,13 @@ class PolicySpec:
 
     ``admission_scope`` is ``"global"`` (one window over the cluster, held by the
     global scheduler) or ``"engine"`` (a window per engine over its own signals).
+
+    The global scheduler's mechanisms (docs/design.md §9), each a switch:
+    ``late_binding`` (a queued session binds to a GPU when admitted, not on arrival),
+    ``work_conserving`` (an idle GPU takes a queued session beyond the window unless
+    that would thrash), ``cpu_aware`` (new sessions go where their node's tool pool
+    has room) and ``rebalance`` (sessions in a tool call move, KV and all, off a GPU
+    whose load is far above the others).
     """
 
     name: str
@@ -64,12 +76,19 @@ class PolicySpec:
     make_scheduler: Callable[[PolicyConfig], SchedulerPolicy]
     make_retention: Callable[[PolicyConfig], RetentionPolicy]
     aimd_admission: bool = False
-    placement: Literal["kv-affine", "power-of-two"] = "kv-affine"
+    placement: Literal["kv-affine", "session-affine", "power-of-two"] = "kv-affine"
     admission_scope: Literal["global", "engine"] = "global"
     #: admission settings this policy overrides (an ablation turns a mechanism off)
     admission_overrides: tuple[tuple[str, Any], ...] = ()
+    late_binding: bool = True
+    #: engines' capacity weights (KV capacity relative to the smallest GPU's) weigh
+    #: placement scores and admission windows; off: every GPU counts as one
+    capacity_weighted: bool = True
+    work_conserving: bool = False
+    cpu_aware: bool = False
+    rebalance: bool = False
 
-    def make_admission(self, config: PolicyConfig, num_gpus: int) -> AdmissionPolicy:
+    def make_admission(self, config: PolicyConfig, num_gpus: float) -> AdmissionPolicy:
         if not self.aimd_admission:
             return UnlimitedAdmission()
         admission = config.admission
@@ -90,7 +109,9 @@ class PolicySpec:
     def make_placement(self, rng: random.Random) -> PlacementPolicy:
         if self.placement == "power-of-two":
             return PowerOfTwoPlacement(rng)
-        return KvAffinePlacement()
+        if self.placement == "session-affine":
+            return SessionAffinePlacement()
+        return KvAffinePlacement(cpu_aware=self.cpu_aware)
 
 
 POLICIES: Registry[PolicySpec] = Registry("policy")
@@ -116,16 +137,46 @@ def _benefit(c: PolicyConfig) -> RetentionPolicy:
     return BenefitRetention(c.retention)
 
 
-_add(
-    PolicySpec(
-        "mars",
-        "MARS: AIMD admission, MLFQ = eviction order, KV held by benefit, "
-        "chunk shrinking, KV reserved for running prefills, global view",
-        _mars(),
-        _benefit,
-        aimd_admission=True,
-    )
+_MARS = PolicySpec(
+    "mars",
+    "MARS: AIMD admission, MLFQ = eviction order, KV held by benefit, "
+    "chunk shrinking, KV reserved for running prefills, global view "
+    "(late binding, work conservation, CPU-aware placement, rebalancing)",
+    _mars(),
+    _benefit,
+    aimd_admission=True,
+    work_conserving=True,
+    cpu_aware=True,
+    rebalance=True,
 )
+_add(_MARS)
+# The global scheduler's mechanisms, one off at a time (docs/design.md §9).
+for _name, _summary, _switch in (
+    (
+        "mars-early-bind",
+        "MARS with each session bound to a GPU when it arrives (the global queue "
+        "kept): no late binding",
+        "late_binding",
+    ),
+    (
+        "mars-no-work-conservation",
+        "MARS leaving GPUs idle while sessions wait for the window",
+        "work_conserving",
+    ),
+    (
+        "mars-no-cpu-aware",
+        "MARS placing new sessions by GPU load alone, blind to the nodes' tool pools",
+        "cpu_aware",
+    ),
+    ("mars-no-rebalance", "MARS never moving sessions during their tool calls", "rebalance"),
+    (
+        "mars-no-capacity-weight",
+        "MARS counting every GPU as one in placement and the window (mixed clusters)",
+        "capacity_weighted",
+    ),
+):
+    _off: dict[str, Any] = {_switch: False}
+    _add(dataclasses.replace(_MARS, name=_name, summary=_summary, **_off))
 _add(PolicySpec("mars-no-admission", "MARS without the admission window", _mars(), _benefit))
 _add(
     PolicySpec(
@@ -180,11 +231,26 @@ for _name, _summary, _overrides in (
 _add(
     PolicySpec(
         "mars-local",
-        "MARS inside each engine behind Ray Serve's power-of-two router, no global view",
+        "MARS inside each engine behind Ray Serve's default power-of-two router "
+        "(no session affinity, no global view): the naive deployment",
         _mars(),
         _benefit,
         aimd_admission=True,
         placement="power-of-two",
+        admission_scope="engine",
+    )
+)
+_add(
+    PolicySpec(
+        "mars-local-affine",
+        "MARS inside each engine, its own window over its own signals, behind a "
+        "session-affine load-aware router (new sessions to the least-loaded GPU on "
+        "arrival, continuations to their GPU; no KV migration, no global queue): "
+        "the strongest per-GPU deployment",
+        _mars(),
+        _benefit,
+        aimd_admission=True,
+        placement="session-affine",
         admission_scope="engine",
     )
 )

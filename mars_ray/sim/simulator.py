@@ -9,6 +9,7 @@ Deterministic for a seed: ties in time are broken by insertion order.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -24,8 +25,14 @@ from mars_ray.engine.costmodel import CostModel, load_profile
 from mars_ray.engine.ideal import session_ideal_s
 from mars_ray.engine.request import EngineRequest
 from mars_ray.engine.sim_engine import SimEngine
-from mars_ray.policies.base import ClusterSignals, SessionTicket
-from mars_ray.policies.cluster import ClusterScheduler, Placement, ToolPoolLoad, scope_signals
+from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
+from mars_ray.policies.cluster import (
+    ClusterScheduler,
+    Move,
+    Placement,
+    ToolPoolLoad,
+    scope_signals,
+)
 from mars_ray.policies.registry import PolicyConfig, get_policy
 from mars_ray.results import RequestRecord, RunCounters, RunResult, SessionRecord, TimeSeries
 from mars_ray.session import SessionSpec
@@ -78,20 +85,31 @@ class ClusterSim:
         self.spec = get_policy(policy)
         self.cluster_config = cluster
         self.clock = VirtualClock()
+        # ideal times are on the nominal GPU (``cluster.gpu``); a mixed cluster
+        # (``node_gpus``) gives each engine its own GPU's cost model
         self.cost = CostModel(load_profile(cluster.gpu, cluster.model))
+        costs = {
+            name: CostModel(load_profile(name, cluster.model)) for name in set(cluster.gpu_names)
+        }
         rng = random.Random(seed)
         self.engines = [
             SimEngine(
                 i,
-                self.cost,
+                costs[name],
                 engine,
                 self.spec.make_scheduler(policy_config),
                 node_id=i // cluster.gpus_per_node,
             )
-            for i in range(cluster.num_gpus)
+            for i, name in enumerate(cluster.gpu_names)
         ]
+        # capacity weight: an engine's KV capacity relative to the smallest one's
+        # (1 everywhere on a uniform cluster, or for a policy that ignores capacity)
+        smallest = min(self.engines, key=lambda e: e.pool.num_blocks)
+        if self.spec.capacity_weighted:
+            for e in self.engines:
+                e.capacity_weight = e.pool.num_blocks / smallest.pool.num_blocks
         self.pools = [
-            ToolPool(n, cluster.cpu_cores_per_node, policy_config.admission.tool_wait_ema_alpha)
+            ToolPool(n, cluster.node_cores(n), policy_config.admission.tool_wait_ema_alpha)
             for n in range(cluster.num_nodes)
         ]
         self.retention = self.spec.make_retention(policy_config)
@@ -101,8 +119,17 @@ class ClusterSim:
             else None
         )
         self._num_kv_moves = self._num_kv_moved_blocks = 0
+        #: sessions whose KV is on the link after a rebalance: the continuation placed
+        #: meanwhile (None while the tool still runs) waits for it to land
+        self._kv_in_flight: dict[str, Placement | None] = {}
         self._engine_config = engine
-        self.scheduler = ClusterScheduler(self.spec, policy_config, cluster.num_gpus, rng)
+        self.scheduler = ClusterScheduler(
+            self.spec,
+            policy_config,
+            cluster.num_gpus,
+            rng,
+            capacity_weights=[e.capacity_weight for e in self.engines],
+        )
         self._tick_s = policy_config.admission.tick_s
         self._sample_period_s = sample_period_s
         self._check = check_invariants
@@ -111,7 +138,7 @@ class ClusterSim:
             s.session_id: _SessionRun(s, session_ideal_s(self.cost, engine, s)) for s in sessions
         }
         for s in sessions:
-            self.engines[0].check_fits(s.session_id, s.max_context_tokens)
+            smallest.check_fits(s.session_id, s.max_context_tokens)
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._engine_version = [0] * len(self.engines)
@@ -146,8 +173,12 @@ class ClusterSim:
     def now_s(self) -> float:
         return self.clock.now_s()
 
-    def _loads(self) -> list:
-        return [e.load() for e in self.engines]
+    def _loads(self) -> list[EngineLoad]:
+        loads = [e.load() for e in self.engines]
+        if not self.spec.cpu_aware:
+            return loads
+        tool_load = [p.num_in_flight / p.num_cores for p in self.pools]
+        return [dataclasses.replace(x, node_tool_load=tool_load[x.node_id]) for x in loads]
 
     # -- sessions -----------------------------------------------------------------
     def _on_arrival(self, session_id: str) -> None:
@@ -258,7 +289,9 @@ class ClusterSim:
             self.sessions[call.session_id].tool_s += tool_s
             previous = self.scheduler.sessions[call.session_id].last_engine_id
             placement = self.scheduler.on_tool_finished(call.session_id, tool_s, self._loads())
-            if previous is None or previous == placement.engine_id:
+            if call.session_id in self._kv_in_flight:  # starts when its KV lands
+                self._kv_in_flight[call.session_id] = placement
+            elif previous is None or previous == placement.engine_id:
                 self._start_turn(placement)
             else:
                 self._move_session(placement, previous)
@@ -276,7 +309,7 @@ class ClusterSim:
             return
         dest = self.engines[placement.engine_id]
         num_tokens = num_blocks * self._engine_config.block_size
-        recompute_s = self.cost.prefill_time_s(
+        recompute_s = dest.cost.prefill_time_s(
             num_tokens, chunk_budget=self._engine_config.max_num_batched_tokens
         )
         decision = self.migration.decide(num_tokens, source.node_id == dest.node_id, recompute_s)
@@ -290,6 +323,37 @@ class ClusterSim:
         self._num_kv_moves += 1
         self._num_kv_moved_blocks += moved
         self._start_turn(placement)
+
+    def _rebalance(self, move: Move) -> None:
+        """A session in a tool call was moved to another engine: its KV follows over
+        the link when the migration rule says that beats recomputing it (the copy
+        overlaps the tool; a continuation placed before it lands waits for it)."""
+        sid, source = move.session_id, self.engines[move.from_engine]
+        num_blocks = source.cached_prefix_blocks(sid) if self.migration is not None else 0
+        source.forget(sid)
+        if self.migration is None or num_blocks == 0:
+            return  # its next turn recomputes the context on the new engine
+        dest = self.engines[move.to_engine]
+        num_tokens = num_blocks * self._engine_config.block_size
+        recompute_s = dest.cost.prefill_time_s(
+            num_tokens, chunk_budget=self._engine_config.max_num_batched_tokens
+        )
+        decision = self.migration.decide(num_tokens, source.node_id == dest.node_id, recompute_s)
+        if decision.move:
+            self._kv_in_flight[sid] = None
+            self._push(self.now_s + decision.transfer_s, self._on_rebalanced_kv, move, num_blocks)
+
+    def _on_rebalanced_kv(self, move: Move, num_blocks: int) -> None:
+        placement = self._kv_in_flight.pop(move.session_id)
+        moved = self.engines[move.to_engine].adopt_kv(move.session_id, num_blocks)
+        self._num_kv_moves += 1
+        self._num_kv_moved_blocks += moved
+        if placement is None:
+            return  # the tool still runs; its next turn finds the KV here
+        if placement.engine_id == move.to_engine:
+            self._start_turn(placement)
+        else:
+            self._move_session(placement, move.to_engine)
 
     # -- control and sampling -------------------------------------------------------
     def _signals(self) -> list[ClusterSignals]:
@@ -313,6 +377,8 @@ class ClusterSim:
         _, placements = self.scheduler.on_tick(self._signals(), self.now_s, self._loads())
         for placement in placements:
             self._start_turn(placement)
+        for move in self.scheduler.rebalance(self._loads()):
+            self._rebalance(move)
         self._push(self.now_s + self._tick_s, self._on_tick)
         if self._check:
             self.scheduler.check_invariants()
