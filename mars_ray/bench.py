@@ -80,7 +80,13 @@ class BenchConfig(FrozenConfig):
     gpu: str = DEFAULT_GPU
     model: str = DEFAULT_MODEL
     cpu_cores_per_gpu: int = Field(DEFAULT_CPU_CORES_PER_GPU, description="tool-pool cores per GPU")
-    num_sessions: int | None = Field(None, description="sessions per run; None: whole trace")
+    node_gpus: tuple[str, ...] | None = Field(None, description="GPU name per node (mixed)")
+    node_cpu_cores: tuple[int, ...] | None = Field(None, description="tool-pool cores per node")
+    num_sessions: int | None = Field(
+        None,
+        description="sessions per run; None: whole trace; more than a trace holds: "
+        "its sessions again (cycle_sessions)",
+    )
     seed: int = 0
     out_dir: Path = DEFAULT_OUT_DIR
     runtime: Literal["sim", "vllm", "ray"] = "sim"
@@ -152,6 +158,8 @@ class BenchConfig(FrozenConfig):
             gpu=self.gpu,
             model=self.model,
             cpu_cores_per_gpu=self.cpu_cores_per_gpu,
+            node_gpus=self.node_gpus,
+            node_cpu_cores=self.node_cpu_cores,
         )
 
 
@@ -183,6 +191,10 @@ def rerun_command(config: BenchConfig, rates_per_s: Sequence[float] | None = Non
     args += ["--gpus", str(config.num_gpus), "--nodes", str(config.num_nodes)]
     args += ["--gpu", config.gpu, "--model", config.model]
     args += ["--cpu-cores-per-gpu", str(config.cpu_cores_per_gpu)]
+    if config.node_gpus is not None:
+        args += ["--node-gpus", ",".join(config.node_gpus)]
+    if config.node_cpu_cores is not None:
+        args += ["--node-cpu-cores", ",".join(str(c) for c in config.node_cpu_cores)]
     if config.num_sessions is not None:
         args += ["--sessions", str(config.num_sessions)]
     args += ["--seed", str(config.seed), "--out", str(config.out_dir), "--runtime", config.runtime]
@@ -296,6 +308,8 @@ def estimate_saturation(
     """
     if not sessions:
         raise ConfigError("cannot estimate a saturation rate without sessions")
+    if cluster.node_gpus is not None and set(cluster.node_gpus) != {cluster.gpu}:
+        return _mixed_saturation(sessions, cost_model, cluster, engine_config)
     chunk = engine_config.max_num_batched_tokens
     kv_tokens = kv_capacity_tokens(cost_model, engine_config)
     batch = _decode_batch(sessions, kv_tokens, engine_config.max_num_seqs)
@@ -311,7 +325,7 @@ def estimate_saturation(
     n = len(sessions)
     gpu_s = (prefill_s + decode_s) / n
     cpu_s = sum(t.tool_cpu_s for s in sessions for t in s.turns) / n
-    cores = cluster.cpu_cores_per_gpu * cluster.num_gpus
+    cores = sum(cluster.node_cores(n) for n in range(cluster.num_nodes))
     kv_token_s = sum(_kv_token_s(cost_model, engine_config, s) for s in sessions) / n
     return SaturationEstimate(
         prefill_s_per_session=prefill_s / n,
@@ -323,6 +337,36 @@ def estimate_saturation(
         kv_token_s_per_session=kv_token_s,
         kv_rate_per_s=cluster.num_gpus * kv_tokens / kv_token_s if kv_token_s > 0 else math.inf,
     )
+
+
+def _mixed_saturation(
+    sessions: Sequence[SessionSpec],
+    cost_model: CostModel,
+    cluster: ClusterConfig,
+    engine_config: EngineConfig,
+) -> SaturationEstimate:
+    """A mixed cluster (``node_gpus``): each node's GPU and KV rates from its own GPU's
+    cost model, summed; the CPU rate over all nodes' cores; per-session figures of
+    the nominal GPU (``cluster.gpu``)."""
+    from mars_ray.engine.costmodel import CostModel, load_profile
+
+    nominal = estimate_saturation(
+        sessions, cost_model, cluster.model_copy(update={"node_gpus": None}), engine_config
+    )
+    gpu_rate = kv_rate = 0.0
+    for node in range(cluster.num_nodes):
+        one = ClusterConfig(
+            num_gpus=cluster.gpus_per_node,
+            num_nodes=1,
+            gpu=cluster.node_gpu(node),
+            model=cluster.model,
+            cpu_cores_per_gpu=cluster.cpu_cores_per_gpu,
+        )
+        node_cost = CostModel(load_profile(one.gpu, one.model))
+        estimate = estimate_saturation(sessions, node_cost, one, engine_config)
+        gpu_rate += estimate.gpu_rate_per_s
+        kv_rate += estimate.kv_rate_per_s
+    return nominal._replace(gpu_rate_per_s=gpu_rate, kv_rate_per_s=kv_rate)
 
 
 def _kv_token_s(cost_model: CostModel, engine: EngineConfig, session: SessionSpec) -> float:
@@ -414,7 +458,8 @@ def check_runnable(config: BenchConfig) -> None:
         get_policy(name)
     if config.workload is not None:
         WORKLOADS.get(config.workload)
-    load_profile(config.gpu, config.model)
+    for name in config.cluster.gpu_names if config.node_gpus else (config.gpu,):
+        load_profile(name, config.model)
 
 
 def _max_context_tokens(cost_model: CostModel, engine: EngineConfig) -> int:
@@ -431,12 +476,39 @@ def load_sessions(
         from mars_ray.workloads.schema import read_trace
 
         sessions = read_trace(config.trace)
+        if config.num_sessions and config.num_sessions > len(sessions):
+            return cycle_sessions(sessions, config.num_sessions)
         return sessions[: config.num_sessions] if config.num_sessions else sessions
     from mars_ray.workloads.generators import WORKLOADS
 
     generate = WORKLOADS.get(str(config.workload))
     rng = np.random.default_rng([config.seed, 0])
     return generate(int(config.num_sessions or 0), rng, _max_context_tokens(cost_model, engine))
+
+
+def cycle_sessions(sessions: Sequence[SessionSpec], num_sessions: int) -> list[SessionSpec]:
+    """``num_sessions`` sessions from a shorter trace: its sessions again in order, the
+    k-th repeat with ids ``ID#k`` and arrivals shifted by k trace spans (one mean gap
+    after the last arrival), so a trace's own arrival process goes on at its rate."""
+    import dataclasses
+
+    if not sessions:
+        return []
+    first, last = sessions[0].arrival_s, sessions[-1].arrival_s
+    span_s = last - first + (last - first) / max(1, len(sessions) - 1)
+    out = []
+    for i in range(num_sessions):
+        k, spec = divmod(i, len(sessions))
+        base = sessions[spec]
+        if k == 0:
+            out.append(base)
+            continue
+        out.append(
+            dataclasses.replace(
+                base, session_id=f"{base.session_id}#{k}", arrival_s=base.arrival_s + k * span_s
+            )
+        )
+    return out
 
 
 def _sweep_points(config: BenchConfig, saturation_rate_per_s: float) -> list[SweepPoint]:
@@ -828,6 +900,15 @@ def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
         raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
+def _ints(flag: str, text: str | None) -> tuple[int, ...] | None:
+    values = _floats(flag, text)
+    if values is None:
+        return None
+    if any(v != int(v) for v in values):
+        raise ConfigError(f"{flag} takes comma-separated whole numbers, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
 def bench_command(
     workload: Annotated[
         str | None,
@@ -888,6 +969,21 @@ def bench_command(
     cpu_cores_per_gpu: Annotated[
         int, typer.Option("--cpu-cores-per-gpu", help="tool-pool CPU cores per GPU")
     ] = DEFAULT_CPU_CORES_PER_GPU,
+    node_gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--node-gpus",
+            help="GPU name of each node, comma-separated (a mixed cluster, e.g. "
+            "h100-80gb,h200-141gb); --gpu is then the nominal GPU of ideal times",
+        ),
+    ] = None,
+    node_cpu_cores: Annotated[
+        str | None,
+        typer.Option(
+            "--node-cpu-cores",
+            help="tool-pool cores of each node, comma-separated (e.g. a CPU-hot node: 16,64)",
+        ),
+    ] = None,
     alpha: Annotated[
         float, typer.Option("--alpha", help="goodput slowdown bound of the table and plots")
     ] = DEFAULT_ALPHA,
@@ -908,6 +1004,8 @@ def bench_command(
         gpu=gpu,
         model=model,
         cpu_cores_per_gpu=cpu_cores_per_gpu,
+        node_gpus=None if node_gpus is None else tuple(_split(node_gpus) or ()),
+        node_cpu_cores=_ints("--node-cpu-cores", node_cpu_cores),
         num_sessions=sessions,
         seed=seed,
         out_dir=out,

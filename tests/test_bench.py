@@ -261,3 +261,26 @@ def test_trace_bench_keeps_trace_arrivals(
     rows = pq.read_table(out_dir / "sessions.parquet").to_pylist()
     assert sorted(r["arrival_s"] for r in rows) == [0.0, 7.0, 14.0]
     assert (out_dir / "goodput_vs_load.png").exists()
+
+
+def test_a_trace_shorter_than_sessions_asked_is_cycled_with_new_ids() -> None:
+    from mars_ray.bench import cycle_sessions
+    from mars_ray.session import SessionSpec, Turn
+
+    trace = [SessionSpec(f"t{i}", 10.0 * i, (Turn(100, 10),)) for i in range(3)]
+    cycled = cycle_sessions(trace, 7)
+    assert [s.session_id for s in cycled] == ["t0", "t1", "t2", "t0#1", "t1#1", "t2#1", "t0#2"]
+    assert [s.arrival_s for s in cycled] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert cycled[3].turns == trace[0].turns
+
+
+def test_bench_takes_a_gpu_and_a_core_count_per_node() -> None:
+    config = validated(
+        BenchConfig,
+        num_gpus=4,
+        num_nodes=2,
+        node_gpus=("h100-80gb", "h200-141gb"),
+        node_cpu_cores=(16, 64),
+    )
+    assert config.cluster.gpu_names[-1] == "h200-141gb"
+    assert "--node-gpus h100-80gb,h200-141gb --node-cpu-cores 16,64" in rerun_command(config)
