@@ -310,11 +310,12 @@ def scheduler_channel(scheduler: Any) -> TurnChannel:
         outcomes: list[TurnOutcome] = await call_actor(scheduler.turns.remote(ops), retry=True)
         return outcomes
 
-    async def await_grant(key: int) -> TurnGrant:
-        grant: TurnGrant = await call_actor(scheduler.await_grant.remote(key), retry=True)
+    async def await_grant(key: int, ask: TurnAsk) -> TurnGrant:
+        grant: TurnGrant = await call_actor(scheduler.await_grant.remote(key, ask), retry=True)
         return grant
 
-    return TurnChannel(submit, await_grant)
+    # a restarting scheduler: calls are sent again (the scheduler makes that idempotent)
+    return TurnChannel(submit, await_grant, retry_on=(ActorUnavailableError,))
 
 
 class _Turn:

@@ -30,6 +30,9 @@ class TurnAsk:
     # from which the scheduler finds the session it continues; session_id is then only
     # the id a new session gets.
     conversation: bytes | None = None
+    # Names this ask across its retries (TurnChannel sets it): an ask sent again after
+    # a scheduler restart lost its answer gets the same grant, never a second turn.
+    ask_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,19 @@ attained service across GPUs; the engines rank by it.
 Failures: a worker that does not answer a poll, or whose turn stream breaks, is
 marked dead; its sessions' next turns are placed on live engines (KV is lost, so
 they recompute from their context) and in-flight turns are retried by the ingress
-through :meth:`retry_turn`. Everything here is in memory: if this actor restarts,
-the ingress sees a new ``incarnation`` and re-registers sessions on their next turn
-(their attained service and tool history restart from zero; stated in the note
-and logged).
+through :meth:`retry_turn`.
+
+Restarts: every change to a session (its turn begun or ended, its tool time, its
+conversation keys), to admission and to the Responses API records is written to
+the GCS key-value store (:mod:`.scheduler_store`) before the call that made it is
+answered; concurrent calls share one write (group commit). A restarted actor
+reads it all back before answering anything, so attained service, tool history,
+turn indices, admission window and queue survive; a turn granted before the
+restart ends normally, a ``begin`` whose answer was lost is asked again with the
+same ``ask_id`` and gets the same grant (never a second turn), and a report
+applied twice counts once. A session the store does not know (its deployment
+started without one) re-registers at its next turn and is counted in
+``num_sessions_reset``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import pickle
 import random
 import time
 import uuid
@@ -42,8 +52,10 @@ from mars_ray.errors import MarsError
 from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
 from mars_ray.policies.cluster import (
     ClusterScheduler,
+    ClusterSnapshot,
     Placement,
     SessionPhase,
+    SessionSnapshot,
     ToolPoolLoad,
     scope_signals,
 )
@@ -54,6 +66,7 @@ from mars_ray.vllm.bench_runtime import num_kv_blocks
 from .config import DeploymentConfig
 from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport
 from .responses_api import StoredResponse
+from .scheduler_store import SchedulerStore
 from .session_identity import CHAT_TAG, MESSAGE_END
 from .turn_channel import PendingGrant, TurnOp, TurnOutcome
 
@@ -99,16 +112,62 @@ class _Live:
     ideal_gpu_s: float = 0.0
     engine_id: int | None = None
     attempt: int = 0
+    ask_id: str | None = None  # the running turn's ask (a retried ask gets its grant again)
     placed: asyncio.Future[Placement] | None = None
     closed: bool = False
     turn_ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+#: the fields of _Live a restart must keep (the rest is per-call machinery)
+_KEPT = (
+    "session_id",
+    "arrival_s",
+    "context_tokens",
+    "num_turns",
+    "turn_in_flight",
+    "turn_ended_s",
+    "pending_tool_s",
+    "tool_s",
+    "longest_tool_s",
+    "active_s",
+    "inferred",
+    "conversation",
+    "claimed_keys",
+    "ideal_gpu_s",
+    "engine_id",
+    "attempt",
+    "ask_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """One session as the store keeps it: its runtime fields (``_KEPT``, in order),
+    its cluster-scheduler record (None before its first turn asks for admission) and
+    its registered conversation keys."""
+
+    live: tuple[Any, ...]
+    cluster: SessionSnapshot | None
+    keys: tuple[ContinuationKey, ...]
+
+
+def _session_key(session_id: str) -> bytes:
+    return b"s/" + session_id.encode()
+
+
+def _response_key(response_id: str) -> bytes:
+    return b"r/" + response_id.encode()
+
+
+CORE_KEY = b"core"  # the cluster scheduler's admission state (ClusterSnapshot, no sessions)
+
+
 class GlobalSchedulerImpl:
     """The scheduler's logic, Ray-free except for the handles it is given."""
 
-    def __init__(self, config: DeploymentConfig) -> None:
+    def __init__(self, config: DeploymentConfig, store: SchedulerStore | None = None) -> None:
         self.config = config
+        self.store = store
         self.spec = get_policy(config.policy)
         self.clock = WallClock(config.time_scale)
         self.cost = CostModel(load_profile(config.cluster.gpu, config.cluster.model))
@@ -148,6 +207,20 @@ class GlobalSchedulerImpl:
         self.responses: OrderedDict[str, StoredResponse] = OrderedDict()
         self.idle_timeout = config.idle_timeout
         self._tick_task: asyncio.Task[None] | None = None
+        # write-behind-the-call persistence (persist()): what changed since the last write
+        self.num_sessions_reset = 0  # re-registered at turn > 0 with nothing in the store
+        self.num_sessions_restored = 0
+        self.num_store_writes = 0
+        self.num_store_errors = 0
+        self._asks: dict[str, str] = {}  # ask id of a running turn -> its session
+        self._dirty: set[str] = set()
+        self._dirty_responses: set[str] = set()
+        self._gone_responses: set[str] = set()
+        self._core_dirty = False
+        self._changes = 0  # bumped by every change; _durable: the last one written
+        self._durable = 0
+        self._written: asyncio.Condition | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     # -- registration ------------------------------------------------------------
     def register_workers(
@@ -182,6 +255,7 @@ class GlobalSchedulerImpl:
         now_s = self.now_s()
         self.sessions[session_id] = _Live(session_id, now_s, active_s=now_s)
         self.telemetry.session_started()
+        self.touch(session_id)
         return session_id
 
     def _session(self, session_id: str) -> _Live:
@@ -192,19 +266,26 @@ class GlobalSchedulerImpl:
 
     async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
         """Wait until the turn may run; returns where. Opens unknown sessions."""
+        if ask.ask_id is not None and ask.ask_id in self._asks:
+            live = self.sessions.get(self._asks[ask.ask_id])
+            if live is not None and not live.closed and live.ask_id == ask.ask_id:
+                return await self._regrant(live, ask)  # asked again: its answer was lost
         if ask.conversation is not None:
             ask = self._claim_conversation(ask)
         if ask.session_id not in self.sessions:
             self.open_session(ask.session_id)
-            if ask.turn_index > 0:  # a session from before a scheduler restart
+            if ask.turn_index > 0:  # a session the store did not know
+                self.num_sessions_reset += 1
+                self.telemetry.session_reset()
                 log.warning(
                     "re-registering session %s at turn %d: its attained service and tool "
-                    "history were lost with the previous scheduler",
+                    "history are not known to this scheduler",
                     ask.session_id,
                     ask.turn_index,
                 )
                 self.sessions[ask.session_id].num_turns = ask.turn_index
         live = self._session(ask.session_id)
+        self.touch(live.session_id)
         if ask.conversation is not None:
             live.inferred, live.conversation = True, ask.conversation
         if live.turn_in_flight is not None:
@@ -216,11 +297,14 @@ class GlobalSchedulerImpl:
                 f"session {ask.session_id!r} expects turn {live.num_turns}, got {ask.turn_index}"
             )
         live.turn_in_flight = ask.turn_index
+        self._set_ask(live, ask.ask_id)
         try:
             placement = await self._place(live, ask)
         except BaseException:
             live.turn_in_flight = None
+            self._set_ask(live, None)
             live.turn_ended.set()
+            self.touch(live.session_id)
             state = self.cluster.sessions.get(live.session_id)
             if state is not None and state.phase is SessionPhase.QUEUED:
                 self._start_all(
@@ -230,7 +314,38 @@ class GlobalSchedulerImpl:
                 )
             raise
         self.num_decisions += 1
+        self.touch(live.session_id)
         return self._grant(live, ask, placement.engine_id)
+
+    async def _regrant(self, live: _Live, ask: TurnAsk) -> TurnGrant:
+        """The grant of a turn already begun (its ask came again: the scheduler
+        restarted before its answer got back). Waits for admission if it still does."""
+        assert live.turn_in_flight is not None
+        ask = dataclasses.replace(ask, session_id=live.session_id, turn_index=live.turn_in_flight)
+        state = self.cluster.sessions.get(live.session_id)
+        if state is not None and state.phase is SessionPhase.QUEUED:
+            if live.placed is None or live.placed.done():
+                live.placed = asyncio.get_running_loop().create_future()
+            placement = await live.placed
+            self.touch(live.session_id)
+            return self._grant(live, ask, placement.engine_id)
+        if state is None:  # it never reached admission: ask afresh
+            live.turn_in_flight = None
+            self._set_ask(live, None)
+            return await self.begin_turn(dataclasses.replace(ask, ask_id=None))
+        # where placement put it (its grant may not have been made before the restart)
+        engine_id = state.last_engine_id if state.last_engine_id is not None else live.engine_id
+        if engine_id is None or engine_id not in self.alive:
+            engine_id = self.cluster.on_engine_lost(live.session_id, self._live_loads()).engine_id
+        self.touch(live.session_id)
+        return self._grant(live, ask, engine_id)
+
+    def _set_ask(self, live: _Live, ask_id: str | None) -> None:
+        if live.ask_id is not None:
+            self._asks.pop(live.ask_id, None)
+        live.ask_id = ask_id
+        if ask_id is not None:
+            self._asks[ask_id] = live.session_id
 
     def _claim_conversation(self, ask: TurnAsk) -> TurnAsk:
         """A request without a session id: the session whose last turn (prompt + answer)
@@ -264,11 +379,16 @@ class GlobalSchedulerImpl:
 
     async def _place(self, live: _Live, ask: TurnAsk) -> Placement:
         now_s = self.now_s()
-        if live.session_id not in self.cluster.sessions:  # its first turn: admission
+        state = self.cluster.sessions.get(live.session_id)
+        if state is not None and state.phase is SessionPhase.QUEUED:  # restored, waiting
+            live.placed = asyncio.get_running_loop().create_future()
+            return await live.placed
+        if state is None:  # its first turn: admission
             ticket = SessionTicket(live.session_id, live.arrival_s, ask.prompt_tokens)
             loop = asyncio.get_running_loop()
             live.placed = loop.create_future()
             self._start_all(self.cluster.on_session_arrival(ticket, now_s, self._live_loads()))
+            self.touch(live.session_id, core=True)
             return await live.placed
         # A continuation (or a first turn retried after its client left): place it.
         tool_s = ask.tool_s if ask.tool_s is not None else live.pending_tool_s
@@ -279,6 +399,7 @@ class GlobalSchedulerImpl:
         live.longest_tool_s = max(live.longest_tool_s, tool_s)
         previous = live.engine_id
         placement = self.cluster.on_tool_finished(live.session_id, tool_s, self._live_loads())
+        self.touch(live.session_id)
         if previous is not None and previous != placement.engine_id:
             await self._move_kv(live.session_id, previous, placement.engine_id)
         return placement
@@ -355,6 +476,7 @@ class GlobalSchedulerImpl:
         num_blocks = 0 if src is None else await self._move_kv(session_id, src, engine_id)
         self.cluster.on_kv_moved(session_id, engine_id)
         live.engine_id = engine_id
+        self.touch(session_id)
         return num_blocks
 
     def _start_all(self, placements: Sequence[Placement]) -> None:
@@ -362,6 +484,7 @@ class GlobalSchedulerImpl:
             live = self.sessions[placement.session_id]
             if live.placed is not None and not live.placed.done():
                 live.placed.set_result(placement)
+            self.touch(placement.session_id, core=True)
 
     def _grant(self, live: _Live, ask: TurnAsk, engine_id: int) -> TurnGrant:
         state = self.cluster.sessions[live.session_id]
@@ -392,6 +515,7 @@ class GlobalSchedulerImpl:
         self.num_turn_retries += 1
         self.telemetry.turn_retried()
         placement = self.cluster.on_engine_lost(live.session_id, self._live_loads())
+        self.touch(live.session_id)
         return self._grant(live, ask, placement.engine_id)
 
     def abandon_turn(self, session_id: str, turn_index: int) -> None:
@@ -401,19 +525,24 @@ class GlobalSchedulerImpl:
         if live is None or live.turn_in_flight != turn_index:
             return
         live.turn_in_flight = None
+        self._set_ask(live, None)
         live.turn_ended.set()
         if live.claimed_keys:  # the client may retry the same continuation
             self.conversations.register(session_id, *live.claimed_keys)
         live.conversation, live.claimed_keys = None, ()
+        self.touch(session_id)
         if session_id.startswith(ONE_SHOT_PREFIX) or (live.inferred and live.num_turns == 0):
             self.close_session(session_id, failed_reason="client went away")
 
     def end_turn(self, report: TurnReport) -> SessionSummary | None:
         live = self._session(report.session_id)
         if live.turn_in_flight != report.turn_index:
+            if live.turn_in_flight is None and report.turn_index < live.num_turns:
+                return None  # reported again (its first answer was lost in a restart)
             raise SessionError(f"session {report.session_id!r} has no turn {report.turn_index}")
         live.ideal_gpu_s += self._isolated_turn_s(live, report)
         live.turn_in_flight = None
+        self._set_ask(live, None)
         live.turn_ended.set()
         live.num_turns += 1
         live.context_tokens = report.context_tokens
@@ -423,6 +552,7 @@ class GlobalSchedulerImpl:
             self.conversations.register(live.session_id, *keys)
         live.conversation, live.claimed_keys = None, ()
         self.cluster.on_turn_finished(report.session_id, report.service_tokens, report.service_s)
+        self.touch(report.session_id, core=live.num_turns == 1)  # first turn: admission
         self.telemetry.turn_finished(report.engine_id, report.ttft_s)
         if report.is_last_turn:
             return self.close_session(report.session_id, after_last_turn=True)
@@ -445,6 +575,7 @@ class GlobalSchedulerImpl:
         live.pending_tool_s = (live.pending_tool_s or 0.0) + tool_s
         live.longest_tool_s = max(live.longest_tool_s, tool_s)
         live.active_s = self.now_s()
+        self.touch(session_id)
 
     def close_session(
         self,
@@ -465,6 +596,7 @@ class GlobalSchedulerImpl:
         if expired and live.turn_ended_s is not None:
             now_s = live.turn_ended_s
         live.closed = True
+        self._set_ask(live, None)
         if live.placed is not None and not live.placed.done():
             live.placed.cancel()
         if session_id in self.cluster.sessions:
@@ -498,6 +630,7 @@ class GlobalSchedulerImpl:
         elif live.num_turns > 0:  # a session that ran no turn completed nothing
             self.telemetry.session_completed(jct_s, summary.slowdown)
         del self.sessions[session_id]
+        self.touch(session_id, core=True)  # gone: its record is deleted
         return summary
 
     def expire_idle_sessions(self) -> list[str]:
@@ -533,6 +666,8 @@ class GlobalSchedulerImpl:
                 self._start_all(
                     self.cluster.on_engine_removed(engine_id, self.now_s(), self._live_loads())
                 )
+                for session_id in self.sessions:  # queues may have moved: rare, write all
+                    self.touch(session_id, core=True)
 
     # -- tools -----------------------------------------------------------------------
     def tool_executor_for(self, session_id: str) -> int:
@@ -566,6 +701,7 @@ class GlobalSchedulerImpl:
             started = time.perf_counter()
             try:
                 await self.tick()
+                await self.persist()
             except Exception:  # never let one bad tick stop admission
                 log.exception("control tick failed")
             await asyncio.sleep(max(0.0, period_s - (time.perf_counter() - started)))
@@ -579,6 +715,8 @@ class GlobalSchedulerImpl:
         loads = self._live_loads()
         _, placements = self.cluster.on_tick(self._signals(), self.now_s(), loads)
         self._start_all(placements)
+        self._core_dirty = True  # the window moved (at most one tick of it can be lost)
+        self._changes += 1
         self.telemetry.observe_admission(
             self.cluster.windows(), self.cluster.num_queued(), self.cluster.num_active()
         )
@@ -646,8 +784,12 @@ class GlobalSchedulerImpl:
     def store_response(self, stored: StoredResponse) -> None:
         self.responses[stored.response_id] = stored
         self.responses.move_to_end(stored.response_id)
+        self._dirty_responses.add(stored.response_id)
         while len(self.responses) > RESPONSES_KEPT:
-            self.responses.popitem(last=False)
+            old, _ = self.responses.popitem(last=False)
+            self._dirty_responses.discard(old)
+            self._gone_responses.add(old)
+        self._changes += 1
 
     def stored_response(self, response_id: str) -> StoredResponse:
         stored = self.responses.get(response_id)
@@ -710,7 +852,107 @@ class GlobalSchedulerImpl:
             "num_sessions_expired": self.num_sessions_expired,
             "num_sessions_inferred": self.num_sessions_inferred,
             "num_conversation_keys": len(self.conversations),
+            "num_sessions_reset": self.num_sessions_reset,
+            "num_sessions_restored": self.num_sessions_restored,
+            "num_store_writes": self.num_store_writes,
+            "num_store_errors": self.num_store_errors,
         }
+
+    # -- persistence -------------------------------------------------------------------
+    def touch(self, session_id: str, *, core: bool = False) -> None:
+        """The session's record changed (or it is gone): write it with the next round."""
+        self._dirty.add(session_id)
+        self._core_dirty = self._core_dirty or core
+        self._changes += 1
+
+    async def persist(self) -> None:
+        """Return once every change made so far is in the store (group commit: one
+        writer; calls that arrive while a round is being written share the next)."""
+        if self.store is None or self._durable >= self._changes:
+            return
+        target = self._changes
+        if self._written is None:
+            self._written = asyncio.Condition()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_rounds())
+        async with self._written:
+            await self._written.wait_for(lambda: self._durable >= target)
+
+    async def _write_rounds(self) -> None:
+        assert self.store is not None and self._written is not None
+        while self._durable < self._changes:
+            upto = self._changes
+            puts, deletes = self._collect()  # the state as of now, in one synchronous step
+            try:
+                await self.store.write(puts, deletes)
+                self.num_store_writes += 1
+            except Exception:  # keep serving; this round's changes are not durable
+                self.num_store_errors += 1
+                log.exception("could not write the scheduler's state to the store")
+            async with self._written:
+                self._durable = upto
+                self._written.notify_all()
+
+    def _collect(self) -> tuple[dict[bytes, bytes], list[bytes]]:
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        dirty, self._dirty = self._dirty, set()
+        for session_id in dirty:
+            live = self.sessions.get(session_id)
+            if live is None or live.closed:
+                deletes.append(_session_key(session_id))
+                continue
+            record = StoredSession(
+                live=tuple(getattr(live, f) for f in _KEPT),
+                cluster=self.cluster.session_snapshot(session_id),
+                keys=self.conversations.keys_of(session_id),
+            )
+            puts[_session_key(session_id)] = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
+        if self._core_dirty:
+            self._core_dirty = False
+            core = self.cluster.snapshot(sessions=False)
+            puts[CORE_KEY] = pickle.dumps(core, pickle.HIGHEST_PROTOCOL)
+        for response_id in self._dirty_responses:
+            stored = self.responses.get(response_id)
+            if stored is not None:
+                puts[_response_key(response_id)] = pickle.dumps(stored, pickle.HIGHEST_PROTOCOL)
+        deletes += [_response_key(r) for r in self._gone_responses]
+        self._dirty_responses, self._gone_responses = set(), set()
+        return puts, deletes
+
+    def restore(self) -> int:
+        """Read the store back (a restarted actor, before it answers anything); returns
+        the sessions restored."""
+        if self.store is None:
+            return 0
+        data = self.store.load()
+        core = data.pop(CORE_KEY, None)
+        records: list[StoredSession] = []
+        responses: list[StoredResponse] = []
+        for key, value in data.items():
+            if key.startswith(b"s/"):
+                records.append(pickle.loads(value))
+            elif key.startswith(b"r/"):
+                responses.append(pickle.loads(value))
+        snapshot = (
+            pickle.loads(core)
+            if core is not None
+            else ClusterSnapshot(tuple(a.snapshot() for a in self.cluster.admissions), ())
+        )
+        self.cluster.restore(snapshot, [r.cluster for r in records if r.cluster is not None])
+        for record in records:
+            live = _Live(**dict(zip(_KEPT, record.live, strict=True)))
+            if live.turn_in_flight is None:
+                live.turn_ended.set()
+            if live.ask_id is not None:
+                self._asks[live.ask_id] = live.session_id
+            self.sessions[live.session_id] = live
+            if record.keys:
+                self.conversations.register(live.session_id, *record.keys)
+        for stored in sorted(responses, key=lambda r: r.body.get("created_at", 0)):
+            self.responses[stored.response_id] = stored
+        self.num_sessions_restored = len(records)
+        return len(records)
 
 
 async def _await_ref(ref: Any) -> Any:
@@ -721,29 +963,41 @@ async def _await_ref(ref: Any) -> Any:
 class GlobalScheduler:
     """The Ray actor around :class:`GlobalSchedulerImpl` (one per deployment)."""
 
-    def __init__(self, config: DeploymentConfig) -> None:
-        self._impl = GlobalSchedulerImpl(config)
+    def __init__(self, config: DeploymentConfig, run_id: str | None = None) -> None:
+        from .scheduler_store import GcsStore
+
+        # run_id: the deployment's key prefix in the store (the launcher makes one per
+        # deployment; a restarted actor is constructed with the same arguments)
+        self._impl = GlobalSchedulerImpl(config, GcsStore(run_id) if run_id else None)
         self._booted = False
+        self._boot_lock = asyncio.Lock()
         self._restarting: set[int] = set()  # nodes whose tool executor is being replaced
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_grants: dict[int, asyncio.Task[TurnGrant]] = {}
         self._grant_keys = itertools.count()
 
     async def _boot(self) -> None:
-        """Start the control tick; after a restart, find the live runtime by name (the
-        session table is gone: sessions re-register on their next turn)."""
+        """Start the control tick; after a restart, read the state back from the store
+        and find the live runtime by name, before any call is answered."""
         if self._booted:
             return
-        self._booted = True
-        if not self._impl.workers:
-            from mars_ray.cluster.launch import find_runtime
+        async with self._boot_lock:
+            if self._booted:
+                return
+            if not self._impl.workers:
+                from mars_ray.cluster.launch import find_runtime
 
-            found = await asyncio.to_thread(find_runtime, self._impl.config)
-            if found is not None:
-                log.warning("scheduler restarted: found %d GPU workers", len(found.workers))
-                self._impl.register_workers(found.workers, found.engine_nodes, found.node_ray_ids)
-                self._impl.register_tool_executors(found.executors)
-        self._impl.start()
+                found = await asyncio.to_thread(find_runtime, self._impl.config)
+                if found is not None:
+                    log.warning("scheduler restarted: found %d GPU workers", len(found.workers))
+                    self._impl.register_workers(
+                        found.workers, found.engine_nodes, found.node_ray_ids
+                    )
+                    self._impl.register_tool_executors(found.executors)
+                    restored = await asyncio.to_thread(self._impl.restore)
+                    log.warning("scheduler restarted: restored %d sessions", restored)
+            self._booted = True
+            self._impl.start()
 
     async def ready(self) -> str:
         await self._boot()
@@ -752,7 +1006,7 @@ class GlobalScheduler:
     async def register_workers(
         self, workers: dict[int, Any], engine_nodes: dict[int, int], node_ray_ids: dict[int, str]
     ) -> None:
-        self._booted = True  # registered by the launcher: nothing to discover
+        self._booted = True  # registered by the launcher: nothing to discover or restore
         self._impl.register_workers(workers, engine_nodes, node_ray_ids)
         self._impl.start()
 
@@ -760,11 +1014,16 @@ class GlobalScheduler:
         self._impl.register_tool_executors(executors)
 
     async def open_session(self, session_id: str | None = None) -> str:
-        return self._impl.open_session(session_id)
+        await self._boot()
+        session_id = self._impl.open_session(session_id)
+        await self._impl.persist()
+        return session_id
 
     async def begin_turn(self, ask: TurnAsk) -> TurnGrant:
         await self._boot()
-        return await self._impl.begin_turn(ask)
+        grant = await self._impl.begin_turn(ask)
+        await self._impl.persist()
+        return grant
 
     async def turns(self, ops: list[TurnOp]) -> list[TurnOutcome]:
         """A batch of turn messages from a :class:`TurnChannel`, applied in order: a
@@ -794,28 +1053,48 @@ class GlobalScheduler:
                 key = next(self._grant_keys)
                 self._pending_grants[key] = task
                 outcomes[i] = PendingGrant(key)
+        await impl.persist()  # every change of the batch is stored before it is answered
         return outcomes
 
-    async def await_grant(self, key: int) -> TurnGrant:
-        """The grant of an ask ``turns`` answered with ``PendingGrant(key)``."""
+    async def await_grant(self, key: int, ask: TurnAsk | None = None) -> TurnGrant:
+        """The grant of an ask ``turns`` answered with ``PendingGrant(key)``. A key this
+        incarnation does not know (the actor restarted since) is asked again as
+        ``ask``: a restored session waiting for admission waits here again."""
+        await self._boot()
         task = self._pending_grants.pop(key, None)
         if task is None:
-            raise SessionError(f"no pending turn {key} (already fetched, or a restart lost it)")
-        return await task
+            if ask is None:
+                raise SessionError(f"no pending turn {key} (already fetched, or a restart lost it)")
+            grant = await self._impl.begin_turn(ask)
+        else:
+            grant = await task
+        await self._impl.persist()
+        return grant
 
     async def retry_turn(self, ask: TurnAsk, failed_engine_id: int, reason: str) -> TurnGrant:
-        return self._impl.retry_turn(ask, failed_engine_id, reason)
+        await self._boot()
+        grant = self._impl.retry_turn(ask, failed_engine_id, reason)
+        await self._impl.persist()
+        return grant
 
     async def abandon_turn(self, session_id: str, turn_index: int) -> None:
+        await self._boot()
         self._impl.abandon_turn(session_id, turn_index)
+        await self._impl.persist()
 
     async def end_turn(self, report: TurnReport) -> SessionSummary | None:
-        return self._impl.end_turn(report)
+        await self._boot()
+        summary = self._impl.end_turn(report)
+        await self._impl.persist()
+        return summary
 
     async def tool_finished(self, session_id: str, tool_s: float) -> None:
+        await self._boot()
         self._impl.tool_finished(session_id, tool_s)
+        await self._impl.persist()
 
     async def tool_executor_for(self, session_id: str) -> int:
+        await self._boot()
         deadline = time.monotonic() + 30.0
         while not self._impl.tool_executors and self._restarting:
             if time.monotonic() > deadline:  # every executor is being replaced: wait a bit
@@ -855,19 +1134,32 @@ class GlobalScheduler:
     async def close_session(
         self, session_id: str, failed_reason: str | None = None
     ) -> SessionSummary:
-        return self._impl.close_session(session_id, failed_reason)
+        await self._boot()
+        summary = self._impl.close_session(session_id, failed_reason)
+        await self._impl.persist()
+        return summary
 
     async def session_info(self, session_id: str) -> dict[str, Any]:
+        await self._boot()
         return self._impl.session_info(session_id)
 
     async def store_response(self, stored: StoredResponse) -> None:
+        await self._boot()
         self._impl.store_response(stored)
+        await self._impl.persist()
 
     async def stored_response(self, response_id: str) -> StoredResponse:
+        await self._boot()
         return self._impl.stored_response(response_id)
 
     async def chained_response(self, response_id: str) -> StoredResponse:
+        await self._boot()
         return self._impl.chained_response(response_id)
+
+    async def drop_store(self) -> None:
+        """Delete this deployment's stored state (it is being shut down)."""
+        if self._impl.store is not None:
+            await asyncio.to_thread(self._impl.store.drop)
 
     async def summaries(self) -> list[SessionSummary]:
         return list(self._impl.summaries)
@@ -880,4 +1172,7 @@ class GlobalScheduler:
         return self._impl.status()
 
     async def move_session(self, session_id: str, engine_id: int) -> int:
-        return await self._impl.move_session(session_id, engine_id)
+        await self._boot()
+        moved = await self._impl.move_session(session_id, engine_id)
+        await self._impl.persist()
+        return moved

@@ -14,12 +14,23 @@ A ``begin`` the scheduler cannot grant at once (the session waits for admission)
 comes back as :class:`PendingGrant`; the channel then waits for it in a call of
 its own, so one waiting session never holds up the others in its batch. Errors are
 per message: a refused ``begin`` raises its own error, the rest of the batch goes on.
+
+A scheduler restart: a call that fails with one of ``retry_on`` (the actor is
+restarting) is sent again, with whatever queued meanwhile behind it, for up to
+``retry_for_s``. That is safe because the restarted scheduler has every answered
+change in its store and recognises what it applied but could not answer: each ask
+carries an ``ask_id`` (set here, kept across retries) that gets the same grant
+again, and a report of a turn already ended is a no-op. A pending grant the restart
+lost is asked again with its ask.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +54,11 @@ class PendingGrant:
 TurnOutcome = TurnGrant | PendingGrant | SessionSummary | BaseException | None
 
 SubmitFn = Callable[[list[TurnOp]], Awaitable[list[TurnOutcome]]]
-AwaitGrantFn = Callable[[int], Awaitable[TurnGrant]]
+#: the grant of a pending ask: its key, and the ask itself (asked again if the
+#: scheduler restarted and lost the key)
+AwaitGrantFn = Callable[[int, TurnAsk], Awaitable[TurnGrant]]
+
+RETRY_PAUSE_S = 0.2  # between tries while the scheduler restarts
 
 
 class TurnChannel:
@@ -53,9 +68,19 @@ class TurnChannel:
     a pending grant. Use from one asyncio loop.
     """
 
-    def __init__(self, submit: SubmitFn, await_grant: AwaitGrantFn) -> None:
+    def __init__(
+        self,
+        submit: SubmitFn,
+        await_grant: AwaitGrantFn,
+        *,
+        retry_on: tuple[type[BaseException], ...] = (),
+        retry_for_s: float = 60.0,
+    ) -> None:
         self._submit = submit
         self._await_grant = await_grant
+        self._retry_on = retry_on
+        self._retry_for_s = retry_for_s
+        self.num_retries = 0
         self._queue: list[tuple[TurnOp, asyncio.Future[TurnOutcome]]] = []
         self._sender: asyncio.Task[None] | None = None
         self.num_calls = 0
@@ -63,10 +88,20 @@ class TurnChannel:
 
     async def begin(self, ask: TurnAsk) -> TurnGrant:
         """Where the turn runs, once admitted. Raises the scheduler's error, or the
-        call's (an unavailable scheduler) for the caller to retry."""
+        call's (an unavailable scheduler past ``retry_for_s``)."""
+        if ask.ask_id is None:
+            ask = dataclasses.replace(ask, ask_id=uuid.uuid4().hex)
         outcome = await self._send(ask)
         if isinstance(outcome, PendingGrant):
-            return await self._await_grant(outcome.key)
+            deadline = time.monotonic() + self._retry_for_s
+            while True:
+                try:
+                    return await self._await_grant(outcome.key, ask)
+                except self._retry_on:
+                    if time.monotonic() > deadline:
+                        raise
+                    self.num_retries += 1
+                    await asyncio.sleep(RETRY_PAUSE_S)
         assert isinstance(outcome, TurnGrant), outcome
         return outcome
 
@@ -91,12 +126,26 @@ class TurnChannel:
 
     async def _drain(self) -> None:
         """Send batches, one call in flight, until nothing is queued."""
-        while self._queue:
-            batch, self._queue = self._queue, []
+        deadline: float | None = None
+        retry: list[tuple[TurnOp, asyncio.Future[TurnOutcome]]] = []
+        while self._queue or retry:
+            batch, self._queue = retry + self._queue, []
+            retry = []
             self.num_calls += 1
             self.num_messages += len(batch)
             try:
                 outcomes = await self._submit([op for op, _ in batch])
+            except self._retry_on as exc:  # the scheduler restarts: send it all again
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self._retry_for_s
+                if now <= deadline:
+                    self.num_retries += 1
+                    retry = [(op, done) for op, done in batch if not done.done()]
+                    await asyncio.sleep(RETRY_PAUSE_S)
+                    continue
+                for _, done in batch:
+                    _settle(done, exc=exc)
+                continue
             except Exception as exc:  # the call failed: every message of it did
                 for _, done in batch:
                     _settle(done, exc=exc)
@@ -106,6 +155,7 @@ class TurnChannel:
                 for _, done in batch:
                     _settle(done, exc=error)
                 continue
+            deadline = None
             for (_, done), outcome in zip(batch, outcomes, strict=True):
                 _settle(done, outcome)
 

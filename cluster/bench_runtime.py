@@ -5,7 +5,10 @@ Faults (``--fault KIND@T``, T wall seconds after the replay starts; repeatable):
 
 * ``kill-gpu-worker@T`` kills the lowest-numbered live GPU worker;
 * ``kill-tool-worker@T`` kills the tool executor of node 0 (it is re-created);
-* ``remove-node@T`` removes the last emulated node (embedded multi-node Ray only).
+* ``remove-node@T`` removes the last emulated node (embedded multi-node Ray only);
+* ``kill-scheduler@T`` kills the global scheduler actor (Ray restarts it; it reads
+  its state back from the GCS store: ``num_sessions_reset`` in summary.json counts
+  the sessions whose service or tool history was lost anyway).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mars_ray.errors import ConfigError
 from mars_ray.results import RunCounters, RunResult, SessionRecord, TimeSeries
 from mars_ray.session import SessionSpec
 
-FAULT_KINDS = ("kill-gpu-worker", "kill-tool-worker", "remove-node")
+FAULT_KINDS = ("kill-gpu-worker", "kill-tool-worker", "remove-node", "kill-scheduler")
 _FAULT_RE = re.compile(r"^(?P<kind>[a-z-]+)@(?P<at>\d+(\.\d+)?)s?$")
 
 
@@ -160,6 +163,9 @@ def _inject(faults: Sequence[Fault], running: object, stop: threading.Event) -> 
                 ray.kill(ray.get_actor(worker_name(alive[0]), namespace=NAMESPACE))
         elif fault.kind == "kill-tool-worker":
             ray.kill(ray.get_actor(executor_name(0), namespace=NAMESPACE))
+        elif fault.kind == "kill-scheduler":
+            scheduler = ray.get_actor(SCHEDULER_ACTOR_NAME, namespace=NAMESPACE)
+            ray.kill(scheduler, no_restart=False)
         elif fault.kind == "remove-node":
             local = running.ray  # type: ignore[attr-defined]
             nodes = list(local.cluster.worker_nodes)
@@ -192,6 +198,7 @@ def _counters(url: str, num_gpus: int, span_s: float, time_scale: float) -> RunC
         num_kv_moves=int(totals.get("kv_migrations_moved", 0)),
         num_kv_moved_blocks=int(totals.get("mars_kv_migrated_blocks_total", 0)),
         num_sessions_expired=int(totals.get("mars_sessions_expired_total", 0)),
+        num_sessions_reset=int(totals.get("mars_sessions_reset_total", 0)),
     )
 
 

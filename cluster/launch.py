@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -147,13 +148,15 @@ def ensure_runtime(config: DeploymentConfig) -> RuntimeHandles:
     node_ray_ids = {i: n for n, i in node_index.items()}
     if config.migrates_kv:
         _form_kv_group(workers)
+    # run_id: where this deployment's scheduler keeps its state in the GCS store (fresh
+    # per deployment; a restarted scheduler is constructed with the same arguments)
     scheduler = GlobalScheduler.options(
         name=SCHEDULER_ACTOR_NAME,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
-        scheduling_strategy=_head_node(),
-    ).remote(config)
+        **_on_head_node(),
+    ).remote(config, uuid.uuid4().hex)
     ray.get(
         scheduler.register_workers.remote(workers, engine_nodes, node_ray_ids),
         timeout=READY_TIMEOUT_S,
@@ -262,27 +265,31 @@ def _placement_group(num_gpus: int, strategy: str) -> Any:
     return pg
 
 
-def _head_node() -> NodeAffinitySchedulingStrategy:
-    """Pin to the head node: it outlives worker nodes (removal, scale-down), so the
-    single source of session state does not move with them. If the head cannot be
-    told apart, the calling node (softly)."""
-    head = next(
-        (
-            n["NodeID"]
-            for n in ray.nodes()
-            if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})
-        ),
-        None,
-    )
-    if head is None:
-        return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    # Hard: a restarted scheduler must come back on the head too, not on a worker node
-    # that may be removed next (it needs no CPU, so the head always has room).
-    return NodeAffinitySchedulingStrategy(head, soft=False)
+HEAD_RESOURCE = "node:__internal_head__"  # what Ray gives the head node, whichever it is
+
+
+def _on_head_node() -> dict[str, Any]:
+    """Actor options that pin to the head node: it outlives worker nodes (removal,
+    scale-down), so the single source of session state does not move with them. By
+    the head's resource, not its node id: a head that is replaced (KubeRay with GCS
+    fault tolerance) is a new node, and a restarted scheduler must come back on it
+    (it needs no CPU, so the head always has room). If no node has the resource, the
+    calling node (softly)."""
+    if any(n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes()):
+        return {"resources": {HEAD_RESOURCE: 0.001}}
+    here = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
 
 
 def teardown_runtime(num_gpus: int) -> None:
-    """Kill the deployment's named actors and release its GPUs."""
+    """Kill the deployment's named actors, release its GPUs and drop the scheduler's
+    stored state."""
+    from mars_ray.actors.scheduler_store import drop_all
+
+    try:
+        drop_all()
+    except Exception as exc:  # a GCS that is gone has nothing left to drop
+        log.warning("could not drop the scheduler's stored state: %r", exc)
     names = [SCHEDULER_ACTOR_NAME, *(worker_name(i) for i in range(num_gpus))]
     names += [executor_name(i) for i in range(num_gpus)]
     for name in names:

@@ -263,6 +263,7 @@ def summarize_run(run: RunResult, *, load: float | None = None) -> dict[str, Any
         "kv_moves": c.num_kv_moves,
         "kv_moved_blocks": c.num_kv_moved_blocks,
         "sessions_expired": c.num_sessions_expired,
+        "num_sessions_reset": c.num_sessions_reset,
     }
     extra_request = {k: v for k, v in asdict(rm).items() if k not in entry}
     entry.update(extra_request)

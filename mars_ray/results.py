@@ -89,6 +89,9 @@ class RunCounters:
     num_kv_moves: int = 0  # sessions whose KV followed them to another GPU
     num_kv_moved_blocks: int = 0
     num_sessions_expired: int = 0  # ended by the idle timeout (Ray runtime: never closed)
+    #: sessions whose attained service or tool history was lost mid-way (Ray runtime: a
+    #: scheduler restart that could not restore them); the simulator never loses one
+    num_sessions_reset: int = 0
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "sessions ended by the idle timeout (no turn for session_idle_timeout_s)",
     ),
     MetricSpec(
+        "mars_sessions_reset",
+        "counter",
+        "sessions whose attained service or tool history was lost (re-registered mid-way "
+        "with a scheduler that did not know them)",
+    ),
+    MetricSpec(
         "mars_sessions_goodput",
         "counter",
         "completed sessions with slowdown <= alpha (goodput = rate / completed rate)",
@@ -222,6 +228,9 @@ class Telemetry:
 
     def session_expired(self) -> None:
         self._counter("mars_sessions_expired").inc()
+
+    def session_reset(self) -> None:
+        self._counter("mars_sessions_reset").inc()
 
     def turn_finished(self, engine_id: int, ttft_s: float) -> None:
         self._counter("mars_turns", str(engine_id)).inc()

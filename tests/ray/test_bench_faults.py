@@ -41,3 +41,19 @@ def test_faults_lose_no_session_and_are_counted() -> None:
 def test_bad_fault_specs_are_refused(bad: str) -> None:
     with pytest.raises(ConfigError, match="KIND@SECONDS"):
         parse_fault(bad)
+
+
+def test_a_killed_scheduler_resets_no_session() -> None:
+    result = run_ray(
+        sessions(),
+        "mars",
+        cluster=ClusterConfig(num_gpus=2),
+        engine=EngineConfig(),
+        time_scale=10.0,
+        faults=[parse_fault("kill-scheduler@3s")],
+    )
+    assert [s.failed_reason for s in result.sessions] == [None] * 6
+    assert sorted(r.session_id for r in result.requests) == sorted(
+        f"s{i}" for i in range(6) for _ in range(4)
+    ), "every turn answered exactly once"
+    assert result.counters.num_sessions_reset == 0

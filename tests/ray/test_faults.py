@@ -177,7 +177,8 @@ def test_a_restarted_scheduler_is_detected_and_sessions_go_on(http: httpx.Client
         time.sleep(0.3)
     assert status.get("incarnation") not in (None, before), "the restart was detected"
     assert status["alive_engines"], "the new scheduler found the GPU workers"
-    # The session table was lost: the session re-registers on its next turn.
+    # The session table survived (the GCS store): the session goes on, nothing reset.
+    assert status["num_sessions_reset"] == 0 and status["num_sessions_restored"] >= 1
     turn = http.post(
         "/v1/chat/completions",
         headers={"x-session-id": sid},
