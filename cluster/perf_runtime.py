@@ -80,6 +80,9 @@ def measure_overhead(
     body = {
         "messages": [{"role": "user", "content": " ".join(["w"] * prompt_tokens)}],
         "max_tokens": output_tokens,
+        # a one-turn session, as before sessions were inferred from the conversation:
+        # else every request stays open (unconfirmed) and fills the admission window
+        "mars": {"last_turn": True},
     }
     served, floor, via_actor = [], [], []
     with (
