@@ -5,6 +5,8 @@
   grows with the request count.
 * ``mars-ray perf sim``: simulated seconds per wall second of the cluster
   simulator at saturation, for 1 GPU and for a large cluster.
+* ``mars-ray perf load``: hundreds of concurrent agent sessions through the real HTTP
+  path; checks that nothing is lost, answered twice or left behind (cluster/load_test.py).
 * ``mars-ray perf sessions``: per-request cost of recognising a session from its
   conversation with many sessions live (mars_ray/perf_sessions.py).
 """
@@ -154,6 +156,23 @@ def register(app: typer.Typer) -> None:
         row = asdict(cost)
         row["total_target_us"] = 1000.0
         print(json.dumps(row))
+
+    @perf.command("load")
+    def load(
+        sessions: int = typer.Option(500, min=1, help="concurrent agent sessions"),
+        turns: int = typer.Option(3, min=1, help="turns per session"),
+        gpus: int = typer.Option(4, min=1, help="simulated GPUs"),
+        nodes: int = typer.Option(2, min=1, help="emulated nodes"),
+        time_scale: float = typer.Option(10.0, min=0.1, help="simulated s per wall s"),
+        rounds: int = typer.Option(2, min=1, help="rounds of the load (RSS after each)"),
+    ) -> None:
+        """Concurrent sessions through HTTP: nothing lost, twice or left; RSS, overhead."""
+        from mars_ray.cluster.load_test import run_load
+
+        result = run_load(sessions, turns, gpus, nodes, time_scale, rounds)
+        print(result.to_json())
+        if not result.clean:
+            raise SystemExit(1)
 
     @perf.command("runtime")
     def runtime(

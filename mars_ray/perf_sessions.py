@@ -61,10 +61,17 @@ def _parsed(pairs: list) -> list[ChatMessage]:
     return [ChatMessage(role=role, content=text) for role, text in pairs]
 
 
-def _stats_us(samples_s: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples_s)
+def median_and_p99(values: list[float], scale: float = 1.0) -> tuple[float, float]:
+    """The median and the 99th percentile of ``values`` times ``scale``, rounded."""
+    if not values:
+        return 0.0, 0.0
+    ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return round(statistics.median(ordered) * 1e6, 1), round(p99 * 1e6, 1)
+    return round(statistics.median(ordered) * scale, 2), round(p99 * scale, 2)
+
+
+def _stats_us(samples_s: list[float]) -> tuple[float, float]:
+    return median_and_p99(samples_s, scale=1e6)
 
 
 def measure_inference(
