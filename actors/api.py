@@ -28,7 +28,6 @@ MAX_DURATION_S = 86_400.0
 """No tool call, hint or report is longer than a day."""
 
 
-
 def _duration(default: Any = ..., *, gt: float | None = None, **kwargs: Any) -> Any:
     """A duration in seconds: finite (no NaN or Infinity, which JSON parsers accept),
     >= 0 (or > ``gt``) and at most MAX_DURATION_S."""

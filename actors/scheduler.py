@@ -630,6 +630,7 @@ class GlobalSchedulerImpl:
         elif live.num_turns > 0:  # a session that ran no turn completed nothing
             self.telemetry.session_completed(jct_s, summary.slowdown)
         del self.sessions[session_id]
+        self.cluster.forget(session_id)  # a returning id is admitted anew; memory bounded
         self.touch(session_id, core=True)  # gone: its record is deleted
         return summary
 

@@ -11,7 +11,13 @@ import pytest
 from mars_ray.config import AdmissionConfig, ClusterConfig
 from mars_ray.errors import ConfigError
 from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
-from mars_ray.policies.cluster import ClusterScheduler, Move, Placement, scope_signals
+from mars_ray.policies.cluster import (
+    ClusterScheduler,
+    Move,
+    Placement,
+    SessionPhase,
+    scope_signals,
+)
 from mars_ray.policies.placement import (
     KvAffinePlacement,
     RebalanceRule,
@@ -264,3 +270,21 @@ def test_cluster_config_takes_a_gpu_and_a_core_count_per_node() -> None:
 
     with pytest.raises(ConfigError, match="one value per node"):
         validated(ClusterConfig, num_gpus=4, num_nodes=2, node_gpus=("h100-80gb",))
+
+
+def test_a_finished_session_is_forgotten_and_its_id_arrives_anew() -> None:
+    """A long-running server drops ended sessions' records; an id that comes back after
+    its session ended goes through admission again."""
+    scheduler = ClusterScheduler(get_policy("mars"), PolicyConfig(), 1, random.Random(0))
+    engines = [EngineLoad(0, 0, 0.0, 0, 0)]
+    scheduler.on_session_arrival(SessionTicket("s", 0.0, 100), 0.0, engines)
+    assert scheduler.sessions["s"].phase is SessionPhase.ACTIVE
+    with pytest.raises(ValueError, match="not done"):
+        scheduler.forget("s")
+    scheduler.on_session_finished("s", 1.0, engines)
+    scheduler.forget("s")
+    scheduler.forget("never-seen")  # ignored
+    assert "s" not in scheduler.sessions
+    started = scheduler.on_session_arrival(SessionTicket("s", 2.0, 100), 2.0, engines)
+    assert [p.session_id for p in started] == ["s"]
+    assert scheduler.num_active() == 1

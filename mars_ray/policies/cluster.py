@@ -298,6 +298,19 @@ class ClusterScheduler:
         self.admissions[state.scope].on_session_done(session_id)
         return self._admit(state.scope, now_s, list(engines))
 
+    def forget(self, session_id: str) -> None:
+        """Drop a finished session's record. A server that runs for days must not keep
+        every session it served (the simulator keeps them for its results), and an id
+        that comes back after its session ended must arrive anew (admission), not
+        continue a finished record. Unknown ids are ignored; a session not yet DONE is
+        an error."""
+        state = self.sessions.get(session_id)
+        if state is None:
+            return
+        if state.phase is not SessionPhase.DONE:
+            raise ValueError(f"session {session_id!r} is {state.phase.value}, not done")
+        del self.sessions[session_id]
+
     def on_session_cancelled(
         self, session_id: str, now_s: float, engines: Sequence[EngineLoad]
     ) -> list[Placement]:

@@ -31,6 +31,9 @@ def deployment(port: int) -> Iterator[RunningDeployment]:
     config = deployment_config(
         {
             "cluster": {"num_gpus": 2, "num_nodes": 1},
+            # a strict window, so that walked-away sessions would wedge it without the
+            # idle timeout (work conservation would start newcomers on idle GPUs anyway)
+            "policy": "mars-no-work-conservation",
             "time_scale": TIME_SCALE,
             "policy_config": {"admission": admission},
             "session_idle_timeout_s": IDLE_TIMEOUT_S,
@@ -125,6 +128,9 @@ def test_agents_that_walk_away_do_not_wedge_admission(
         client, [{"role": "user", "content": "back"}], extra_headers={"x-session-id": "walkaway-1"}
     )
     assert (sid, turn) == ("walkaway-1", 0)
+    # ... through admission like any new session (not continuing its ended record)
+    assert http.get("/v1/sessions/walkaway-1").json()["phase"] == "active"
+    assert http.get("/readyz").json()["phases"]["done"] == 0, "ended sessions are dropped"
 
 
 def test_header_less_agents_are_one_session_each(client: openai.OpenAI, http: httpx.Client) -> None:

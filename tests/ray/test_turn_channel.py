@@ -26,6 +26,9 @@ def scheduler() -> Iterator[Any]:
     config = deployment_config(
         {
             "cluster": {"num_gpus": NUM_GPUS},
+            # a strict window: work conservation would start waiting sessions beyond it
+            # on the idle GPUs of this test
+            "policy": "mars-no-work-conservation",
             "policy_config": {
                 "admission": {
                     "window_init_per_gpu": WINDOW_PER_GPU,
