@@ -37,7 +37,7 @@ import random
 import time
 import uuid
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +72,7 @@ from .turn_channel import PendingGrant, TurnOp, TurnOutcome
 
 log = logging.getLogger(__name__)
 
+SUMMARIES_KEPT = 100_000  # ended sessions' summaries kept for summaries()
 RESPONSES_KEPT = 10_000  # Responses API records kept for GET and previous_response_id
 SNAPSHOT_TIMEOUT_S = 5.0  # a worker silent this long (wall) is declared dead
 TURN_END_GRACE_S = 1.0  # wall seconds a turn waits for its predecessor's end report
@@ -192,7 +193,9 @@ class GlobalSchedulerImpl:
         self.node_ray_ids: dict[int, str] = {}
         self.tool_snapshots: dict[int, ToolPoolSnapshot] = {}
         self.sessions: dict[str, _Live] = {}
-        self.summaries: list[SessionSummary] = []
+        # the newest ended sessions' summaries (benches read them), bounded for servers
+        # that run for days
+        self.summaries: deque[SessionSummary] = deque(maxlen=SUMMARIES_KEPT)
         self.num_turn_retries = 0
         self.num_tool_retries = 0
         self.num_decisions = 0
