@@ -26,5 +26,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 def bind(config: DeploymentConfig) -> serve.Application:
     from .ingress import Ingress
 
-    # @serve.deployment turned the class into a Deployment (which has .bind).
-    return Ingress.bind(config.model_dump(mode="json"))  # type: ignore[attr-defined]
+    # @serve.deployment turned the class into a Deployment (which has .options/.bind).
+    deployment = Ingress.options(num_replicas=config.ingress_replicas)  # type: ignore[attr-defined]
+    return deployment.bind(config.model_dump(mode="json"))

@@ -87,6 +87,13 @@ class DeploymentConfig(FrozenConfig):
         "torch.distributed (sim engines, 2+ GPUs); False: it recomputes the prefix",
     )
     api_key: str | None = Field(None, description="required bearer token; None: open")
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Serve replicas of the HTTP ingress; a session's turns may reach any "
+        "of them (its state lives in the global scheduler)",
+    )
     max_body_bytes: int = Field(
         64 << 20, ge=1, description="larger request bodies are refused (413), chunked or not"
     )

@@ -467,10 +467,12 @@ class _Turn:
         }
 
     def headers(self) -> dict[str, str]:
-        """Every response names its session and turn (streams too: headers go first)."""
+        """Every response names its session and turn (streams too: headers go first),
+        and the ingress replica that answered."""
         return {
             "x-session-id": self.grant.session_id,
             "x-mars-turn-index": str(self.grant.turn_index),
+            "x-mars-ingress-replica": self.ingress.replica_id,
         }
 
     def mars_info(self) -> dict[str, Any]:
@@ -591,13 +593,15 @@ class Ingress:
     """HTTP front door; owns nothing but handles to the runtime's actors."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from mars_ray.cluster.launch import ensure_runtime, find_runtime
+        from mars_ray.cluster.launch import find_or_create_runtime
 
         self.config = DeploymentConfig(**config)
         BodyGuard.max_bytes = self.config.max_body_bytes  # one Ingress per replica process
         # A replica restarted after a failure joins the running runtime (whatever
         # survived); only the first replica of a deployment creates it.
-        self.runtime = find_runtime(self.config) or ensure_runtime(self.config)
+        self.runtime = find_or_create_runtime(self.config)
+        # which replica answered (x-mars-ingress-replica): several may serve one session
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.scheduler = self.runtime.scheduler
         self.channel = scheduler_channel(self.scheduler)
         limit = self.config.max_prompt_tokens or self.runtime.max_context_tokens

@@ -47,6 +47,10 @@ def serve_command(
     spread: Annotated[
         bool, typer.Option("--spread", help="spread GPU workers across nodes")
     ] = False,
+    ingress_replicas: Annotated[
+        int,
+        typer.Option("--ingress-replicas", min=1, max=64, help="HTTP ingress replicas"),
+    ] = 1,
     session_idle_timeout_s: Annotated[
         float,
         typer.Option(
@@ -87,6 +91,7 @@ def serve_command(
         "vllm_model": vllm_model,
         "api_key": api_key,
         "placement_strategy": "SPREAD" if spread else "PACK",
+        "ingress_replicas": ingress_replicas,
         "session_idle_timeout_s": session_idle_timeout_s,
         "session_idle_timeout_max_s": max(2400.0, session_idle_timeout_s),
         "session_id_headers": tuple(session_id_header or ()),

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -182,6 +183,37 @@ def _form_kv_group(workers: dict[int, Any]) -> None:
     ray.get(joins, timeout=READY_TIMEOUT_S)
 
 
+@ray.remote(num_cpus=0)
+class _RuntimeLock:
+    """One creator at a time: ingress replicas that start together must not each form
+    the GPU workers' process group (``find_or_create_runtime``)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        await self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+RUNTIME_LOCK_NAME = "mars-runtime-lock"
+
+
+def find_or_create_runtime(config: DeploymentConfig) -> RuntimeHandles:
+    """The deployment's runtime: found by name, or created by the first caller while
+    the others wait (several ingress replicas start at once)."""
+    lock = _RuntimeLock.options(  # type: ignore[attr-defined]
+        name=RUNTIME_LOCK_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+    ray.get(lock.acquire.remote(), timeout=MODEL_READY_TIMEOUT_S)
+    try:
+        return find_runtime(config) or ensure_runtime(config)
+    finally:
+        ray.get(lock.release.remote())
+
+
 def find_runtime(config: DeploymentConfig) -> RuntimeHandles | None:
     """Find the live actors of a deployment by name (a restarted scheduler rebuilds its
     registry this way); None if no GPU worker is alive."""
@@ -290,7 +322,7 @@ def teardown_runtime(num_gpus: int) -> None:
         drop_all()
     except Exception as exc:  # a GCS that is gone has nothing left to drop
         log.warning("could not drop the scheduler's stored state: %r", exc)
-    names = [SCHEDULER_ACTOR_NAME, *(worker_name(i) for i in range(num_gpus))]
+    names = [SCHEDULER_ACTOR_NAME, RUNTIME_LOCK_NAME, *(worker_name(i) for i in range(num_gpus))]
     names += [executor_name(i) for i in range(num_gpus)]
     for name in names:
         with contextlib.suppress(ValueError):
