@@ -46,7 +46,7 @@ import ray
 
 from mars_ray.clock import WallClock
 from mars_ray.conversation_index import ContinuationKey, PrefixIndex
-from mars_ray.engine.costmodel import CostModel, load_profile
+from mars_ray.engine.costmodel import CostModel, load_profile, num_kv_blocks
 from mars_ray.engine.ideal import isolated_turn_s
 from mars_ray.errors import MarsError
 from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
@@ -61,7 +61,6 @@ from mars_ray.policies.cluster import (
 )
 from mars_ray.policies.registry import get_policy
 from mars_ray.telemetry import EngineSnapshot, Telemetry, ToolPoolSnapshot
-from mars_ray.vllm.bench_runtime import num_kv_blocks
 
 from .config import DeploymentConfig
 from .messages import SessionSummary, TurnAsk, TurnGrant, TurnReport

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 def simulated_engine_args(config: DeploymentConfig, model_dir: Path) -> AsyncEngineArgs:
     """Engine arguments of a simulated device (writes a shape-only ``config.json``)."""
-    from mars_ray.vllm.bench_runtime import engine_args, num_kv_blocks, write_model_config
+    from mars_ray.engine.costmodel import num_kv_blocks
+    from mars_ray.vllm.bench_runtime import engine_args, write_model_config
 
     cost = CostModel(load_profile(config.cluster.gpu, config.cluster.model))
     num_blocks = num_kv_blocks(cost, config.engine_config)

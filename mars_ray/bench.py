@@ -245,10 +245,9 @@ class SaturationEstimate(NamedTuple):
 
 def kv_capacity_tokens(cost_model: CostModel, engine: EngineConfig) -> int:
     """Tokens of KV one engine holds (its block count x block size)."""
-    blocks = engine.num_gpu_blocks_override or cost_model.num_gpu_blocks(
-        engine.block_size, engine.gpu_memory_utilization
-    )
-    return blocks * engine.block_size
+    from mars_ray.engine.costmodel import num_kv_blocks
+
+    return num_kv_blocks(cost_model, engine) * engine.block_size
 
 
 def _decode_batch(sessions: Sequence[SessionSpec], kv_tokens: int, max_num_seqs: int) -> int:
@@ -556,15 +555,10 @@ def sessions_at(plan: BenchPlan, point: SweepPoint, seed: int) -> list[SessionSp
 ProgressFn = Callable[[int, int], None]
 
 
-@contextmanager
-def _progress_bar(
-    console: Console, total: int, enabled: bool
-) -> Iterator[Callable[[str, int], ProgressFn]]:
-    """Yields ``start(label, num_done_before) -> on_progress``: one bar over all runs' sessions.
-
-    Disabled unless ``enabled`` and the console is a terminal.
-    """
-    progress = Progress(
+def sessions_progress(console: Console, enabled: bool) -> Progress:
+    """The bar of simulator runs, counted in sessions (bench, capacity); shown only
+    when ``enabled`` and the console is a terminal."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -574,6 +568,17 @@ def _progress_bar(
         disable=not (enabled and console.is_terminal),
         transient=True,
     )
+
+
+@contextmanager
+def _progress_bar(
+    console: Console, total: int, enabled: bool
+) -> Iterator[Callable[[str, int], ProgressFn]]:
+    """Yields ``start(label, num_done_before) -> on_progress``: one bar over all runs' sessions.
+
+    Disabled unless ``enabled`` and the console is a terminal.
+    """
+    progress = sessions_progress(console, enabled)
     task = progress.add_task("bench", total=total)
 
     def start(label: str, num_done_before: int) -> ProgressFn:

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mars_ray.config import validated
@@ -202,19 +201,6 @@ def find_capacity(
 # --------------------------------------------------------------------------- simulator runs
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("sessions"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-        transient=True,
-    )
-
-
 def _bracket(lo: float | None, hi: float | None) -> str:
     def show(x: float | None) -> str:
         return "?" if x is None else f"{x:.4g}"
@@ -240,7 +226,7 @@ def capacity_runs(
     saturation_per_s = plan.saturation.rate_per_s
     searches: dict[str, CapacitySearch] = {}
     entries: dict[str, list[dict[str, Any]]] = {}
-    with _progress(console, progress) as bar:
+    with bench.sessions_progress(console, progress) as bar:
         task = bar.add_task("capacity", total=len(plan.sessions))
         for policy in plan.policies:
             entries[policy] = []

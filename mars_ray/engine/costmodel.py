@@ -26,6 +26,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mars_ray.config import EngineConfig
 from mars_ray.errors import ConfigError, UnknownNameError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -396,3 +397,11 @@ class CostModel:
                 f"{gpu_memory_utilization:.2f} x {gpu.hbm_bytes / 1e9:.1f} GB"
             )
         return num_blocks
+
+
+def num_kv_blocks(cost: CostModel, engine: EngineConfig) -> int:
+    """KV blocks of one engine: the configured override, else what the GPU's memory
+    left after the weights holds (every runtime sizes engines with this)."""
+    return engine.num_gpu_blocks_override or cost.num_gpu_blocks(
+        engine.block_size, engine.gpu_memory_utilization
+    )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from mars_ray.config import EngineConfig
-from mars_ray.engine.costmodel import CostModel
+from mars_ray.engine.costmodel import CostModel, num_kv_blocks
 from mars_ray.engine.kv_cache import BlockPool, CpuTier
 from mars_ray.engine.pins import PinTable, turn_end_context
 from mars_ray.engine.request import EngineRequest
@@ -97,10 +97,7 @@ class SimEngine:
         self.cost = cost
         self.config = config
         self.policy = policy
-        num_blocks = config.num_gpu_blocks_override or cost.num_gpu_blocks(
-            config.block_size, config.gpu_memory_utilization
-        )
-        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        self.pool = BlockPool(num_kv_blocks(cost, config), config.enable_prefix_caching)
         block_bytes = cost.kv_bytes_per_token * config.block_size
         self.cpu_tier = (
             CpuTier(int(config.cpu_offload_gb * 1e9 // block_bytes))

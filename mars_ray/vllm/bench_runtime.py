@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from mars_ray.config import ClusterConfig, EngineConfig
-from mars_ray.engine.costmodel import CostModel, Profile, load_profile
+from mars_ray.engine.costmodel import CostModel, Profile, load_profile, num_kv_blocks
 from mars_ray.engine.ideal import session_ideal_s
 from mars_ray.errors import ConfigError, InfeasibleError, MarsError
 from mars_ray.policies.base import ClusterSignals, EngineLoad, SessionTicket
@@ -183,13 +183,6 @@ class ScaledClock:
 
 
 # --------------------------------------------------------------------------- engines
-
-
-def num_kv_blocks(cost: CostModel, engine: EngineConfig) -> int:
-    """KV blocks of one simulated engine, as ``SimEngine`` computes them."""
-    return engine.num_gpu_blocks_override or cost.num_gpu_blocks(
-        engine.block_size, engine.gpu_memory_utilization
-    )
 
 
 def write_model_config(profile: Profile, max_model_len: int, directory: Path) -> Path:
